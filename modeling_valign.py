@@ -1,0 +1,462 @@
+"""valign: a vision encoder → 2-layer MLP projector → decoder-only language model (arXiv 2503.19508).
+
+The paper's idea lives in `build_attention_mask`: inside `forward`, the language model's attention is overridden
+so that the patch tokens of one image see each other in both directions ("hybrid"), everything sees everything
+("bidirectional", alignment stage) or the usual causal mask applies ("causal"). The layout follows transformers'
+LLaVA (`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`), which TRL's
+SFTTrainer and PEFT expect. This file is served as Hub remote code and runs on transformers 4.57 and 5.x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
+
+from .configuration_valign import ATTN_MODES, ValignConfig
+
+# Kernels that take no arbitrary 4D mask: they would silently drop the image-bidirectional pattern.
+KERNELS_WITHOUT_CUSTOM_MASKS = ("flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def image_ids_of(image_mask: torch.Tensor, image_seq_length: int) -> torch.Tensor:
+    """Index of the image each token belongs to within its row, or -1 for text tokens.
+
+    Every image is exactly `image_seq_length` tokens long, so adjacent images stay distinct.
+    """
+    rank = image_mask.long().cumsum(-1) - 1
+    return torch.where(image_mask, torch.div(rank, image_seq_length, rounding_mode="floor"), -1)
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None,
+    image_mask: torch.Tensor,
+    mode: str,
+    past_length: int,
+    image_seq_length: int,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """The attention policy of valign, and the only place it is defined.
+
+    Args:
+        attention_mask: `(batch, past_length + q)` padding mask, 1 for real tokens, or None (nothing padded).
+        image_mask: `(batch, q)` True where the current tokens are image patches.
+        mode: "causal", "hybrid" or "bidirectional".
+        past_length: number of tokens already in the KV cache (they are never image tokens of this chunk).
+
+    Returns:
+        The 2D padding mask unchanged when the result is plain causal attention (the decoder builds it, with any
+        attention kernel), else a `(batch, 1, q, past_length + q)` additive float mask: 0 where attention is
+        allowed, the dtype's minimum where it is blocked.
+    """
+    if mode == "causal" or (mode == "hybrid" and not image_mask.any()):
+        return attention_mask
+    batch, q = image_mask.shape
+    device = image_mask.device
+    kv = past_length + q
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, kv, dtype=torch.bool, device=device)
+    key_is_real = attention_mask.bool()[:, None, :]
+    query_pos = torch.arange(past_length, kv, device=device)[:, None]
+    key_pos = torch.arange(kv, device=device)[None, :]
+    if mode == "bidirectional":
+        allowed = key_is_real.expand(batch, q, kv)
+    else:
+        image_ids = image_ids_of(image_mask, image_seq_length)
+        key_image_ids = nn.functional.pad(image_ids, (past_length, 0), value=-1)
+        same_image = (image_ids[:, :, None] >= 0) & (image_ids[:, :, None] == key_image_ids[:, None, :])
+        allowed = ((key_pos <= query_pos) | same_image) & key_is_real
+    # A padding query row must see something, or softmax over a fully blocked row gives NaN.
+    allowed = allowed | (key_pos == query_pos)
+    blocked = torch.finfo(dtype).min
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)[:, None]
+
+
+def positions_from_padding(attention_mask: torch.Tensor | None, batch: int, q: int, past_length: int, device):
+    """Position ids that skip left padding, so a padded row computes exactly what it would alone."""
+    if attention_mask is None:
+        return torch.arange(past_length, past_length + q, device=device).expand(batch, q)
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+
+
+def unwrap_vision_encoder(model: nn.Module) -> nn.Module:
+    """The encoder itself, whichever transformers major built it.
+
+    transformers 4.x nests SigLIP/CLIP encoders one level deeper (`SiglipVisionModel.vision_model`) than 5.x does.
+    Holding the inner module gives the same parameter names under both majors, so checkpoints load across them.
+    """
+    inner = getattr(model, "vision_model", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+@dataclass
+class ValignModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+@dataclass
+class ValignCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_hidden_states: torch.FloatTensor | None = None
+
+
+class ValignMultiModalProjector(nn.Module):
+    """Two linear layers with an activation between them: vision width → projector width → text width."""
+
+    def __init__(self, config: ValignConfig) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.projector_hidden_size)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+class ValignPreTrainedModel(PreTrainedModel):
+    config_class = ValignConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = True  # causal mode only; hybrid and bidirectional refuse it in forward
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, ValignMultiModalProjector):
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
+            for linear in (module.linear_1, module.linear_2):
+                nn.init.normal_(linear.weight, std=std)
+                nn.init.zeros_(linear.bias)
+        else:
+            super()._init_weights(module)
+
+
+class ValignModel(ValignPreTrainedModel):
+    def __init__(self, config: ValignConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = unwrap_vision_encoder(AutoModel.from_config(config.vision_config))
+        self.multi_modal_projector = ValignMultiModalProjector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.language_model = decoder
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Project images `(n, channels, size, size)` to language-model embeddings `(n, image_seq_length, width)`."""
+        self._check_pixel_shape(pixel_values)
+        layer = self.config.vision_feature_layer
+        dtype = self.multi_modal_projector.linear_1.weight.dtype
+        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=layer != -1)
+        hidden = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        patches = hidden[:, -self.config.image_seq_length :]  # drop leading CLS / register tokens
+        return self.multi_modal_projector(patches)
+
+    def _check_pixel_shape(self, pixel_values: torch.Tensor) -> None:
+        vision = self.config.vision_config
+        expected = (getattr(vision, "num_channels", 3), vision.image_size, vision.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
+                f"got {tuple(pixel_values.shape)}; preprocess images with the ValignProcessor"
+            )
+
+    def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def _check_image_placeholders(self, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        num_tokens = int(image_mask.sum())
+        if pixel_values is None:
+            raise ValueError(f"input_ids hold {num_tokens} image tokens but no pixel_values were given")
+        num_images, per_image = pixel_values.shape[0], self.config.image_seq_length
+        if num_tokens != num_images * per_image:
+            raise ValueError(
+                f"{num_images} image(s) need {num_images * per_image} image tokens ({per_image} each), "
+                f"but input_ids hold {num_tokens} (= {num_tokens / per_image:g} images' worth): "
+                "every image needs exactly one placeholder"
+            )
+
+    def _check_attn_implementation(self, mode: str) -> None:
+        kernel = self.config.text_config._attn_implementation
+        if mode != "causal" and kernel in KERNELS_WITHOUT_CUSTOM_MASKS:
+            raise ValueError(
+                f"attn_mode={mode!r} needs a custom 4D attention mask, which {kernel!r} cannot apply; "
+                "load the model with attn_implementation='sdpa' or 'eager', or use attn_mode='causal'"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        attn_mode: str | None = None,
+        **kwargs,
+    ) -> ValignModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds")
+        mode = attn_mode or self.config.attn_mode
+        if mode not in ATTN_MODES:
+            raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {mode!r}")
+        self._check_attn_implementation(mode)
+
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        image_mask = self._image_token_mask(input_ids, inputs_embeds)
+        image_features = None
+        if pixel_values is not None or image_mask.any():
+            self._check_image_placeholders(image_mask, pixel_values)
+            image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
+
+        batch, q = image_mask.shape
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = positions_from_padding(attention_mask, batch, q, past_length, inputs_embeds.device)
+        mask = build_attention_mask(
+            attention_mask, image_mask, mode, past_length, self.config.image_seq_length, inputs_embeds.dtype
+        )
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return ValignModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: ValignConfig) -> None:
+        super().__init__(config)
+        self.model = ValignModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.loss_type = "ForCausalLM"
+        self.post_init()
+        # Generating an image token would make the next step look like an image without pixels.
+        self.generation_config.suppress_tokens = [config.image_token_id]
+
+    @classmethod
+    def from_backbones(
+        cls,
+        vision: str = "google/siglip-so400m-patch14-224",
+        text: str = "Qwen/Qwen2.5-0.5B-Instruct",
+        *,
+        gguf_file: str | None = None,
+        image_token: str = "<|image_pad|>",
+        dtype: torch.dtype | None = None,
+        attn_implementation: str = "sdpa",
+        **config_kwargs,
+    ):
+        """Assemble a valign model and its processor from a pretrained vision encoder and language model.
+
+        `vision` and `text` are Hub ids or local folders; `gguf_file` loads the language model from a GGUF file
+        in `text`. The projector is freshly initialised. The tokenizer's image token is reused when it has one
+        (Qwen2.5 has `<|image_pad|>`), else it is added, with ChatML tokens where missing, and the embeddings
+        grow to match. `config_kwargs` go to `ValignConfig` (attn_mode, projector_hidden_size, ...).
+
+        Returns:
+            `(model, processor)`.
+        """
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+        from .processing_valign import ValignProcessor, prepare_tokenizer
+
+        vision_config = AutoConfig.from_pretrained(vision)
+        vision_config = getattr(vision_config, "vision_config", vision_config)  # dual encoders: the image half
+        if hasattr(vision_config, "vision_use_head"):
+            vision_config.vision_use_head = False  # SigLIP's pooling head is unused: keep its weights out
+        encoder = MODEL_MAPPING[type(vision_config)].from_pretrained(
+            vision, config=vision_config, dtype=dtype, attn_implementation=attn_implementation
+        )
+        lm = AutoModelForCausalLM.from_pretrained(
+            text, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
+        )
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(text, gguf_file=gguf_file), image_token)
+
+        config = ValignConfig(
+            vision_config=vision_config,
+            text_config=lm.config,
+            image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+            **config_kwargs,
+        )
+        model = cls(config)
+        model.model.vision_tower = unwrap_vision_encoder(encoder)
+        model.model.language_model = lm.get_decoder()
+        model.lm_head = lm.get_output_embeddings()
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.tie_weights()
+        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.to(dtype or lm.dtype)
+
+        vision_start, vision_end = "<|vision_start|>", "<|vision_end|>"
+        has_wrap = all(token in tokenizer.get_vocab() for token in (vision_start, vision_end))
+        processor = ValignProcessor(
+            image_processor=AutoImageProcessor.from_pretrained(vision),
+            tokenizer=tokenizer,
+            image_seq_length=config.image_seq_length,
+            image_token=image_token,
+            vision_start_token=vision_start if has_wrap else None,
+            vision_end_token=vision_end if has_wrap else None,
+        )
+        return model, processor
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.language_model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.model.language_model = decoder
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.model.vision_tower
+
+    @property
+    def multi_modal_projector(self) -> nn.Module:
+        return self.model.multi_modal_projector
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        attn_mode: str | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ValignCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*):
+            Next-token targets, -100 where no loss is taken (prompt, image and padding tokens). The loss is the
+            mean over supervised tokens; a batch without any raises instead of returning a meaningless 0 or NaN.
+        attn_mode (`str`, *optional*):
+            Overrides `config.attn_mode` for this call.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            attn_mode=attn_mode,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            if not (labels[:, 1:] != -100).any():
+                raise ValueError("labels hold no supervised token (all -100 after the shift): nothing to learn from")
+            loss = self.loss_function(
+                logits, labels, self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
+        return ValignCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    def prepare_inputs_for_generation(self, *args, pixel_values: torch.Tensor | None = None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        cache = model_inputs.get("past_key_values")
+        # Images enter at prefill only; later steps read them from the KV cache (4.x would re-send them).
+        if cache is None or cache.get_seq_length() == 0:
+            model_inputs["pixel_values"] = pixel_values
+        return model_inputs
+
+    def generate(self, *args, attn_mode: str | None = None, **kwargs):
+        """`GenerationMixin.generate`, refusing bidirectional attention.
+
+        With bidirectional attention, earlier positions would attend to later tokens, which a KV cache cannot
+        represent: decoding would silently differ from a full forward pass.
+        """
+        mode = attn_mode or self.config.attn_mode
+        if mode == "bidirectional":
+            raise ValueError(
+                "generate() cannot use attn_mode='bidirectional' (it is not consistent with a KV cache); "
+                "pass attn_mode='hybrid', the mode valign is fine-tuned and served with"
+            )
+        if attn_mode is not None:
+            kwargs["attn_mode"] = attn_mode
+        return super().generate(*args, **kwargs)
+
+
+# save_pretrained then copies this file and its relative imports beside the weights (Hub remote code).
+ValignModel.register_for_auto_class("AutoModel")
+ValignForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = ["ValignForConditionalGeneration", "ValignModel", "ValignPreTrainedModel", "build_attention_mask"]

@@ -1,0 +1,205 @@
+"""ValignProcessor: image processor + tokenizer + chat template, served as Hub remote code.
+
+Each image placeholder (`image_token`) in the text becomes `image_seq_length` image tokens, optionally wrapped in
+vision start/end tokens. Chat messages render through a ChatML template whose assistant turns are marked with
+`{% generation %}`, so assistant-only losses (TRL's `assistant_only_loss`) find the answer tokens.
+
+valign's template adds no system prompt when none is given (Qwen2.5's own template injects "You are Qwen,
+created by Alibaba Cloud..."): the training data carries no system turn, an implicit one would cost ~20 tokens
+per sample and would claim an identity the model does not have. Pass a system message to get one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
+    "{%- else -%}{%- set content = namespace(text='') -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{%- set content.text = content.text + '<IMAGE>' -%}"
+    "{%- elif item['type'] == 'text' -%}{%- set content.text = content.text + item['text'] -%}{%- endif -%}"
+    "{%- endfor -%}{%- set content = content.text -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ content + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
+def default_chat_template(image_token: str) -> str:
+    return CHAT_TEMPLATE.replace("<IMAGE>", image_token)
+
+
+def load_image(image: Any) -> Any:
+    """Open a path or bytes as an RGB PIL image; pass PIL images and arrays through. Unreadable files raise."""
+    if isinstance(image, (str, os.PathLike, bytes)):
+        source = io.BytesIO(image) if isinstance(image, bytes) else image
+        name = "<bytes>" if isinstance(image, bytes) else image
+        try:
+            with Image.open(source) as opened:
+                return opened.convert("RGB")
+        except (OSError, UnidentifiedImageError) as error:
+            raise ValueError(f"cannot read image {name}: {error}") from error
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    return image
+
+
+def images_per_sample(images: Any, num_texts: int) -> list[list[Any]]:
+    """Normalise `images` (None, one image, a flat list, or one list per text) to one list per text."""
+    if images is None:
+        return [[] for _ in range(num_texts)]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if images and all(isinstance(item, (list, tuple)) for item in images):
+        return [list(item) for item in images]
+    return [list(images)] if num_texts == 1 else [[image] for image in images]
+
+
+class ValignProcessor(ProcessorMixin):
+    r"""
+    Args:
+        image_processor: the vision encoder's image processor (resize, rescale, normalise).
+        tokenizer: the language model's tokenizer; it must know `image_token` as one token.
+        chat_template (`str`, *optional*): defaults to valign's ChatML template with generation markers.
+        image_seq_length (`int`): image tokens per image (the vision encoder's patch count).
+        image_token (`str`): the placeholder, one per image, expanded to `image_seq_length` copies.
+        vision_start_token / vision_end_token (`str`, *optional*): tokens wrapped around each image's span.
+    """
+
+    attributes = ["image_processor", "tokenizer"]
+    image_processor_class = "AutoImageProcessor"
+    tokenizer_class = "AutoTokenizer"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_seq_length: int = 256,
+        image_token: str = "<|image_pad|>",
+        vision_start_token: str | None = None,
+        vision_end_token: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.image_seq_length = image_seq_length
+        self.image_token = image_token
+        self.vision_start_token = vision_start_token
+        self.vision_end_token = vision_end_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or default_chat_template(image_token))
+
+    @property
+    def image_span(self) -> str:
+        """The text one image placeholder expands to."""
+        inner = self.image_token * self.image_seq_length
+        return f"{self.vision_start_token or ''}{inner}{self.vision_end_token or ''}"
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        padding: bool | str = True,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        if text is None:
+            raise ValueError("text is required: put one image placeholder per image in it, or use apply_chat_template")
+        texts = [text] if isinstance(text, str) else list(text)
+        per_sample = images_per_sample(images, len(texts))
+        self._check_placeholders(texts, per_sample)
+
+        input_ids = self.tokenizer(
+            [t.replace(self.image_token, self.image_span) for t in texts],
+            add_special_tokens=kwargs.pop("add_special_tokens", False),
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )["input_ids"]
+        if truncation and max_length is not None:
+            input_ids = [self._truncate(row, max_length) for row in input_ids]
+        data = dict(
+            self.tokenizer.pad(
+                {"input_ids": input_ids},
+                padding=padding,
+                max_length=max_length,
+                padding_side=kwargs.pop("padding_side", None) or self.tokenizer.padding_side,
+                return_tensors=return_tensors,
+            )
+        )
+        flat_images = [load_image(image) for sample in per_sample for image in sample]
+        if flat_images:
+            pixels = self.image_processor(flat_images, return_tensors=return_tensors, **kwargs)
+            data["pixel_values"] = pixels["pixel_values"]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _check_placeholders(self, texts: list[str], per_sample: list[list[Any]]) -> None:
+        if len(per_sample) != len(texts):
+            raise ValueError(f"got {len(per_sample)} lists of images for {len(texts)} texts")
+        for index, (text, images) in enumerate(zip(texts, per_sample)):
+            placeholders = text.count(self.image_token)
+            if placeholders != len(images):
+                raise ValueError(
+                    f"text {index} has {placeholders} image placeholder(s) ({self.image_token!r}) "
+                    f"but {len(images)} image(s) were given for it"
+                )
+
+    def _truncate(self, row: list[int], max_length: int) -> list[int]:
+        """Cut a row to `max_length` on the tokenizer's truncation side, refusing to cut into an image."""
+        if len(row) <= max_length:
+            return row
+        left = self.tokenizer.truncation_side == "left"
+        removed = row[: len(row) - max_length] if left else row[max_length:]
+        if self.image_token_id in removed:
+            raise ValueError(
+                f"a sequence of {len(row)} tokens does not fit max_length={max_length} without cutting into an "
+                f"image span ({self.image_seq_length} tokens per image): raise max_length or shorten the text"
+            )
+        return row[-max_length:] if left else row[:max_length]
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any):
+        saved = super().save_pretrained(save_directory, **kwargs)
+        portable_tokenizer_config(Path(save_directory) / "tokenizer_config.json")
+        return saved
+
+
+def prepare_tokenizer(tokenizer, image_token: str):
+    """Make a language model's tokenizer ready for valign: image and ChatML tokens, a pad token, left padding."""
+    missing = [t for t in (image_token, "<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
+    tokenizer.padding_side = "left"  # batched generation is only right with left padding
+    return tokenizer
+
+
+def portable_tokenizer_config(path: Path) -> None:
+    """Name a tokenizer class both transformers majors know (5.x writes "TokenizersBackend", unknown to 4.x)."""
+    if not path.exists():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+ValignProcessor.register_for_auto_class()
+
+__all__ = ["ValignProcessor"]
