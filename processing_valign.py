@@ -14,9 +14,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -114,35 +116,56 @@ class ValignProcessor(ProcessorMixin):
         truncation: bool = False,
         max_length: int | None = None,
         return_tensors: str | None = "pt",
+        return_offsets_mapping: bool = False,
+        return_text_replacement_offsets: bool = False,
+        videos: Any = None,
+        audio: Any = None,
         **kwargs: Any,
     ) -> BatchFeature:
+        """Tokenize `text` with each image placeholder expanded, and preprocess `images` (PIL images, paths or
+        bytes; one flat list, or one list per text). Remaining keyword arguments go to the image processor.
+
+        `return_offsets_mapping` gives character offsets in the text as passed in (not the expanded text; all
+        tokens of an image span point at its placeholder), so chat-template assistant masks line up under both
+        transformers majors; `text_replacement_offsets` is then empty, since nothing is left to correct.
+        """
+        if videos is not None or audio is not None:
+            raise ValueError("valign reads images and text only; videos and audio are not supported")
         if text is None:
             raise ValueError("text is required: put one image placeholder per image in it, or use apply_chat_template")
         texts = [text] if isinstance(text, str) else list(text)
         per_sample = images_per_sample(images, len(texts))
         self._check_placeholders(texts, per_sample)
 
-        input_ids = self.tokenizer(
+        encoded = self.tokenizer(
             [t.replace(self.image_token, self.image_span) for t in texts],
             add_special_tokens=kwargs.pop("add_special_tokens", False),
             return_attention_mask=False,
             return_token_type_ids=False,
-        )["input_ids"]
-        if truncation and max_length is not None:
-            input_ids = [self._truncate(row, max_length) for row in input_ids]
+            return_offsets_mapping=return_offsets_mapping,
+        )
+        rows = [self._kept_slice(row, max_length if truncation else None) for row in encoded["input_ids"]]
+        padding_side = kwargs.pop("padding_side", None) or self.tokenizer.padding_side
         data = dict(
             self.tokenizer.pad(
-                {"input_ids": input_ids},
+                {"input_ids": [ids[kept] for ids, kept in zip(encoded["input_ids"], rows)]},
                 padding=padding,
                 max_length=max_length,
-                padding_side=kwargs.pop("padding_side", None) or self.tokenizer.padding_side,
+                padding_side=padding_side,
                 return_tensors=return_tensors,
             )
         )
+        if return_offsets_mapping:
+            width = len(data["input_ids"][0])
+            offsets = [self._original_offsets(t, o[kept]) for t, o, kept in zip(texts, encoded["offset_mapping"], rows)]
+            data["offset_mapping"] = [pad_offsets(o, width, padding_side) for o in offsets]
+        if return_text_replacement_offsets:
+            data["text_replacement_offsets"] = [[] for _ in texts]
         flat_images = [load_image(image) for sample in per_sample for image in sample]
         if flat_images:
-            pixels = self.image_processor(flat_images, return_tensors=return_tensors, **kwargs)
-            data["pixel_values"] = pixels["pixel_values"]
+            data["pixel_values"] = self.image_processor(flat_images, return_tensors=return_tensors, **kwargs)[
+                "pixel_values"
+            ]
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def _check_placeholders(self, texts: list[str], per_sample: list[list[Any]]) -> None:
@@ -156,18 +179,34 @@ class ValignProcessor(ProcessorMixin):
                     f"but {len(images)} image(s) were given for it"
                 )
 
-    def _truncate(self, row: list[int], max_length: int) -> list[int]:
-        """Cut a row to `max_length` on the tokenizer's truncation side, refusing to cut into an image."""
-        if len(row) <= max_length:
-            return row
+    def _kept_slice(self, row: list[int], max_length: int | None) -> slice:
+        """The part of a row that fits `max_length`, cut on the tokenizer's truncation side, never into an image."""
+        if max_length is None or len(row) <= max_length:
+            return slice(None)
         left = self.tokenizer.truncation_side == "left"
-        removed = row[: len(row) - max_length] if left else row[max_length:]
+        kept = slice(len(row) - max_length, None) if left else slice(0, max_length)
+        removed = row[: kept.start] if left else row[kept.stop :]
         if self.image_token_id in removed:
             raise ValueError(
                 f"a sequence of {len(row)} tokens does not fit max_length={max_length} without cutting into an "
                 f"image span ({self.image_seq_length} tokens per image): raise max_length or shorten the text"
             )
-        return row[-max_length:] if left else row[:max_length]
+        return kept
+
+    def _original_offsets(self, text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Map token offsets in the expanded text back to `text`; an image span's tokens map to its placeholder."""
+        points = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        starts = np.array([m.start() for m in re.finditer(re.escape(self.image_token), text)], dtype=np.int64)
+        if len(starts) == 0:
+            return [tuple(pair) for pair in points.tolist()]
+        gained = len(self.image_span) - len(self.image_token)  # characters each expansion adds
+        expanded_starts = starts + gained * np.arange(len(starts))
+        spans_before = np.searchsorted(expanded_starts, points[:, 0], side="right")
+        last = np.maximum(spans_before - 1, 0)
+        inside = (spans_before > 0) & (points[:, 0] < expanded_starts[last] + len(self.image_span))
+        placeholder = np.stack([starts[last], starts[last] + len(self.image_token)], axis=1)
+        mapped = np.where(inside[:, None], placeholder, points - gained * spans_before[:, None])
+        return [tuple(pair) for pair in mapped.tolist()]
 
     @property
     def model_input_names(self) -> list[str]:
@@ -188,6 +227,12 @@ def prepare_tokenizer(tokenizer, image_token: str):
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
     tokenizer.padding_side = "left"  # batched generation is only right with left padding
     return tokenizer
+
+
+def pad_offsets(offsets: list[tuple[int, int]], width: int, side: str) -> list[tuple[int, int]]:
+    """Pad offsets like the ids they describe; (0, 0) is the zero-width span of a padding token."""
+    fill = [(0, 0)] * (width - len(offsets))
+    return fill + offsets if side == "left" else offsets + fill
 
 
 def portable_tokenizer_config(path: Path) -> None:

@@ -98,16 +98,16 @@ def score_vqa(
     A score over an empty subset (e.g. no open questions) is None rather than a misleading 0.
     """
     _check_lengths(predictions, answers, question_types)
-    matches = [exact_match(p, a) for p, a in zip(predictions, answers)]
+    matches = [exact_match(p, a) for p, a in zip(predictions, answers, strict=True)]
     closed = [is_closed_question(a) for a in answers]
-    open_f1 = [token_f1(p, a) for p, a, c in zip(predictions, answers, closed) if not c]
+    open_f1 = [token_f1(p, a) for p, a, c in zip(predictions, answers, closed, strict=True) if not c]
 
     result: dict = {
         "accuracy": _mean(matches),
         "n": len(matches),
-        "closed_accuracy": _mean([m for m, c in zip(matches, closed) if c]),
+        "closed_accuracy": _mean([m for m, c in zip(matches, closed, strict=True) if c]),
         "n_closed": sum(closed),
-        "open_exact_match": _mean([m for m, c in zip(matches, closed) if not c]),
+        "open_exact_match": _mean([m for m, c in zip(matches, closed, strict=True) if not c]),
         "open_f1": _mean(open_f1),
         "n_open": len(open_f1),
     }
@@ -116,9 +116,7 @@ def score_vqa(
     return result
 
 
-def _check_lengths(
-    predictions: Sequence[str], answers: Sequence[str], question_types: Sequence[str] | None
-) -> None:
+def _check_lengths(predictions: Sequence[str], answers: Sequence[str], question_types: Sequence[str] | None) -> None:
     if len(predictions) != len(answers):
         raise ValueError(f"Got {len(predictions)} predictions for {len(answers)} answers.")
     if not answers:
@@ -133,6 +131,6 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def _per_type_accuracy(matches: Sequence[bool], question_types: Sequence[str]) -> dict[str, dict]:
     by_type: dict[str, list[bool]] = defaultdict(list)
-    for match, question_type in zip(matches, question_types):
+    for match, question_type in zip(matches, question_types, strict=True):
         by_type[question_type].append(match)
     return {t: {"accuracy": _mean(m), "n": len(m)} for t, m in sorted(by_type.items())}

@@ -33,7 +33,7 @@ value they saw, so setting the environment variables inside a test is not enough
 * In a subprocess: `hub.client_env(hf_home)` returns an environment with `HF_ENDPOINT` set, `HF_HOME` and
   `HF_HUB_CACHE` in a temporary folder, and `HF_HUB_OFFLINE` / `TRANSFORMERS_OFFLINE` / `HF_DATASETS_OFFLINE`
   removed (CI runs with `HF_HUB_OFFLINE=1`; the loopback Hub is the one place the clients may go online). This is
-  the robust way, and the one to use for the other virtualenv (`.venv457`, huggingface_hub 0.36).
+  the robust way, and the one to use for the other virtualenv (`.venv457` or `.venv-tf4`: huggingface_hub 0.36).
 
 Limits, on purpose: every file is uploaded as a "regular" (base64 in the commit payload) file, never LFS/Xet, so
 keep test checkpoints small; no pull requests, auth, pagination or gated repos. Requests the server does not know
@@ -311,8 +311,15 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             response = _error_response(err)
         except Exception as err:  # a server bug must reach the client as a visible error, not a hang
             logger.exception("loopback hub: %s %s failed", method, self.path)
+            self._record(f"ERROR {method} {self.path}: {err!r}")
             response = _error_response(HubError(500, f"Loopback hub internal error: {err!r}"))
+        if method == "GET" and "Accept-Ranges" in response.headers:
+            response = _apply_range(response, self.headers.get("Range"))
         self._send(method, response)
+
+    def _record(self, problem: str) -> None:
+        with self.server.store.lock:
+            self.server.store.unhandled.append(problem)
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], body: bytes) -> Response:
         route_method = "GET" if method == "HEAD" else method
@@ -324,8 +331,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 return getattr(HubApi(self.server.store, self.server.endpoint), name)(params, query, body)
         message = f"Loopback hub: unsupported endpoint {method} {self.path}"
         logger.warning(message)
-        with self.server.store.lock:
-            self.server.store.unhandled.append(f"{method} {self.path}")
+        self._record(f"{method} {self.path}")
         return json_response({"error": message}, 404, {"X-Error-Message": message})
 
     def _read_body(self) -> bytes:
@@ -353,12 +359,26 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _send(self, method: str, response: Response) -> None:
         self.send_response(response.status)
         for name, value in response.headers.items():
-            self.send_header(name, value)
+            # Headers are latin-1 on the wire; a non-ASCII file name in an error message must not crash the reply.
+            self.send_header(name, value.encode("ascii", "replace").decode().replace("\n", " "))
         if "Content-Length" not in response.headers:
             self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         if method != "HEAD":
             self.wfile.write(response.body)
+
+
+def _apply_range(response: Response, range_header: str | None) -> Response:
+    """Serve `Range: bytes=start-[end]` (resumed downloads) with a 206; anything else gets the whole body."""
+    match = re.fullmatch(r"bytes=(\d+)-(\d*)", (range_header or "").strip())
+    if response.status != 200 or match is None:
+        return response
+    size = len(response.body)
+    start, end = int(match[1]), min(int(match[2] or size - 1), size - 1)
+    if start > end:
+        return Response(416, b"", {"Content-Range": f"bytes */{size}"})
+    headers = response.headers | {"Content-Range": f"bytes {start}-{end}/{size}"}
+    return Response(206, response.body[start : end + 1], headers)
 
 
 def _error_response(err: HubError) -> Response:
@@ -519,7 +539,7 @@ class LoopbackHub:
             return list(self.store.unhandled)
 
     def assert_all_handled(self) -> None:
-        """Fail if a client called an endpoint the loopback Hub does not implement."""
+        """Fail if a client called an endpoint the loopback Hub does not implement, or one that crashed."""
         assert not self.unhandled, f"Loopback hub got unsupported requests: {self.unhandled}"
 
     def client_env(self, hf_home: str | os.PathLike[str], base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -555,16 +575,21 @@ def serve_hub(max_lifetime_s: float = 600.0, default_user: str = DEFAULT_USER) -
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     # A forgotten server (e.g. a test killed mid-way under xdist) must not serve forever.
-    watchdog = threading.Timer(max_lifetime_s, server.shutdown)
+    watchdog = threading.Timer(max_lifetime_s, _stop, args=(server,))
     watchdog.daemon = True
     watchdog.start()
     try:
         yield LoopbackHub(server.endpoint, server.store)
     finally:
         watchdog.cancel()
-        server.shutdown()
-        server.server_close()
+        _stop(server)
         thread.join(timeout=5)
+
+
+def _stop(server: HubHTTPServer) -> None:
+    """Stop serving and close the listening socket, so that clients get "connection refused", not a hang."""
+    server.shutdown()
+    server.server_close()
 
 
 def _hub_targets(endpoint: str, cache_dir: Path) -> list[tuple[Any, str, Any]]:

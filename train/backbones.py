@@ -17,11 +17,11 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image_pad|>", "<|vision_start|>", "<|vision_end|>"]
 # Enough English for the offline demo's captions, questions and chat scaffolding.
 DEFAULT_CORPUS = (
-    "system user assistant a an the is are of in on at to and with there this that what which how many image photo "
-    "picture describe caption briefly short detailed answer question one word yes no left right top bottom middle "
-    "centre center corner background white black gray grey red green blue yellow orange purple brown teal circle "
-    "square triangle rectangle star shape shapes color colour does contain show small large big two three"
-).split()
+    "system user assistant a an the is are of in on at to and with there this that what which how many image photo",
+    "picture describe caption briefly short detailed answer question one word yes no left right top bottom middle",
+    "centre center corner background white black gray grey red green blue yellow orange purple brown teal circle",
+    "square triangle rectangle star shape shapes color colour does contain show small large big two three",
+)
 
 
 def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -52,8 +52,13 @@ def build_tiny_backbones(
     layers: int = 2,
     corpus: Iterable[str] = DEFAULT_CORPUS,
     seed: int = 0,
+    init_std: float = 0.2,
 ) -> tuple[Path, Path]:
-    """Write `folder/vision` and `folder/text`; returns both paths."""
+    """Write `folder/vision` and `folder/text`; returns both paths.
+
+    `init_std` is far above transformers' 0.02 so that random weights give peaked, input-dependent predictions:
+    with near-uniform logits, greedy decoding repeats one token and comparisons between code paths prove little.
+    """
     folder = Path(folder)
     transformers.set_seed(seed)
     vision_dir, text_dir = folder / "vision", folder / "text"
@@ -79,6 +84,7 @@ def build_tiny_backbones(
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         rope_theta=1_000_000.0,
+        initializer_range=init_std,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )

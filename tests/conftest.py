@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random backbones and valign checkpoints, built offline once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from scripts.crossload import chat, shape_image  # noqa: F401  (re-exported for the tests)
+from valign import ValignForConditionalGeneration
+from valign.train.backbones import build_tiny_backbones
+
+REPO = Path(__file__).resolve().parent.parent
+IS_V5 = int(transformers.__version__.split(".")[0]) >= 5
+# The other transformers major lives in its own virtual environment (setup.sh makes .venv-tf4).
+OTHER_MAJOR_PYTHON = Path(os.environ.get("VALIGN_TF4_PYTHON", REPO / ".venv-tf4" / "bin" / "python"))
+AUTO_CLASS = "AutoModelForImageTextToText" if IS_V5 else "AutoModelForVision2Seq"
+
+
+@pytest.fixture(scope="session")
+def backbones(tmp_path_factory) -> tuple[Path, Path]:
+    return build_tiny_backbones(tmp_path_factory.mktemp("backbones"))
+
+
+@pytest.fixture(scope="session")
+def model_and_processor(backbones):
+    torch.manual_seed(0)
+    model, processor = ValignForConditionalGeneration.from_backbones(*map(str, backbones))
+    return model.eval(), processor
+
+
+@pytest.fixture(scope="session")
+def checkpoint(model_and_processor, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("checkpoint")
+    model, processor = model_and_processor
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def prompts(processor, questions: list[str]) -> list[str]:
+    return [processor.apply_chat_template(chat(q), add_generation_prompt=True) for q in questions]
+
+
+def other_major_python() -> Path:
+    if not OTHER_MAJOR_PYTHON.exists():
+        pytest.fail(
+            f"the transformers 4.57 environment is missing at {OTHER_MAJOR_PYTHON}: run `bash setup.sh` "
+            "(or set VALIGN_TF4_PYTHON to a Python with transformers 4.57 and valign installed)"
+        )
+    return OTHER_MAJOR_PYTHON
+
+
+def run_script(python: Path | str, *args: str) -> str:
+    """Run tests/scripts/crossload.py in a fresh process; return its stdout, failing with its stderr."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(
+        [str(python), str(REPO / "tests" / "scripts" / "crossload.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"{python} crossload.py {' '.join(args)} failed:\n{result.stderr[-4000:]}")
+    return result.stdout
+
+
+CURRENT_PYTHON = sys.executable

@@ -1,0 +1,179 @@
+"""The attention-mask override: what each mode lets depend on what, and agreement across kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompts, shape_image
+from transformers import AutoModelForCausalLM
+from valign import ValignForConditionalGeneration
+from valign.modeling_valign import build_attention_mask
+
+
+def reference_allowed(padding: list[int], is_image: list[bool], mode: str, per_image: int) -> torch.Tensor:
+    """An element-by-element statement of the policy, for one row without cache."""
+    n = len(padding)
+    image_index, count = [], 0
+    for flag in is_image:
+        image_index.append(count // per_image if flag else None)
+        count += flag
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if mode == "bidirectional":
+                ok = bool(padding[j])
+            else:
+                same = image_index[i] is not None and image_index[i] == image_index[j]
+                ok = bool(padding[j]) and (j <= i or (mode == "hybrid" and same))
+            allowed[i, j] = ok or i == j
+    return allowed
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "bidirectional"])
+def test_mask_matches_elementwise_reference(mode):
+    # left padding, two adjacent images of 3 tokens, text between and after
+    padding = [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    is_image = [False, False, False, True, True, True, True, True, True, False, False, False]
+    mask = build_attention_mask(
+        torch.tensor([padding]), torch.tensor([is_image]), mode, 0, image_seq_length=3, dtype=torch.float32
+    )
+    assert mask.shape == (1, 1, 12, 12)
+    torch.testing.assert_close(mask[0, 0] == 0, reference_allowed(padding, is_image, mode, 3))
+
+
+def test_mask_with_cache_extends_over_past_keys():
+    # decoding 2 text tokens after 4 cached ones, bidirectional: every real key is visible
+    mask = build_attention_mask(
+        torch.tensor([[0, 1, 1, 1, 1, 1]]), torch.zeros(1, 2, dtype=torch.bool), "bidirectional", 4, 3, torch.float32
+    )
+    assert mask.shape == (1, 1, 2, 6)
+    assert (mask[0, 0, :, 0] < 0).all() and (mask[0, 0, :, 1:] == 0).all()
+
+
+def test_causal_and_text_only_hybrid_leave_the_padding_mask_to_the_decoder():
+    padding = torch.tensor([[0, 1, 1]])
+    no_images = torch.zeros(1, 3, dtype=torch.bool)
+    assert build_attention_mask(padding, no_images, "hybrid", 0, 4, torch.float32) is padding
+    assert build_attention_mask(padding, torch.ones(1, 3, dtype=torch.bool), "causal", 0, 3, torch.float32) is padding
+
+
+def hidden_states(model, batch, mode, perturb_last_image_token=False):
+    """Final hidden states; optionally add noise to the projected feature of the last image token only."""
+    handle = None
+    if perturb_last_image_token:
+
+        def hook(module, inputs, output):
+            output = output.clone()
+            output[:, -1] += 5.0
+            return output
+
+        handle = model.model.multi_modal_projector.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model.model(**batch, attn_mode=mode).last_hidden_state[0]
+    finally:
+        if handle:
+            handle.remove()
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "causal", "bidirectional"])
+def test_which_positions_see_a_later_image_token(model_and_processor, mode):
+    model, processor = model_and_processor
+    batch = processor(images=[shape_image("red")], text=prompts(processor, ["Describe."]))
+    positions = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    first_image, last_image = positions[0].item(), positions[-1].item()
+    base = hidden_states(model, batch, mode)
+    moved = hidden_states(model, batch, mode, perturb_last_image_token=True)
+    changed = (base - moved).abs().amax(-1) > 1e-5
+    assert changed[last_image:].all()  # the token itself and everything after it
+    assert changed[first_image].item() == (mode != "causal")  # an earlier image token sees the later one
+    text_before = first_image - 1
+    assert changed[text_before].item() == (mode == "bidirectional")  # text before the image: only bidirectional
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "causal"])
+def test_no_text_token_depends_on_a_later_token(model_and_processor, mode):
+    model, processor = model_and_processor
+    batch = processor(images=[shape_image("red")], text=prompts(processor, ["Describe the picture."]))
+    with torch.no_grad():
+        base = model(**batch, attn_mode=mode).logits[0]
+        altered_ids = batch["input_ids"].clone()
+        altered_ids[0, -2] = (altered_ids[0, -2] + 1) % 100 + 10  # a text token near the end
+        altered = model(**{**batch, "input_ids": altered_ids}, attn_mode=mode).logits[0]
+    torch.testing.assert_close(altered[:-2], base[:-2], rtol=0, atol=0)
+    assert (altered[-2:] - base[-2:]).abs().max() > 1e-4
+
+
+def test_causal_mode_equals_the_plain_causal_lm(model_and_processor, backbones):
+    """valign in causal mode is the backbone LM applied to the merged image+text embeddings."""
+    model, processor = model_and_processor
+    batch = processor(
+        images=[shape_image("red"), shape_image("blue")], text=prompts(processor, ["Hi.", "A longer one."])
+    )
+    plain = AutoModelForCausalLM.from_pretrained(str(backbones[1])).eval()
+    with torch.no_grad():
+        ours = model(**batch, attn_mode="causal")
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        image_mask = (batch["input_ids"] == model.config.image_token_id)[..., None]
+        embeds = embeds.masked_scatter(image_mask, ours.image_hidden_states)
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        reference = plain(inputs_embeds=embeds, attention_mask=batch["attention_mask"], position_ids=positions).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours.logits[real], reference[real], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "bidirectional", "causal"])
+def test_eager_equals_sdpa_with_left_padding(checkpoint, model_and_processor, mode):
+    _, processor = model_and_processor
+    texts = prompts(processor, ["Describe.", "What colour is the big round shape in this picture?"])
+    batch = processor(images=[shape_image("red"), shape_image("green")], text=texts)
+    assert (batch["attention_mask"][0] == 0).any()  # the first row really is left-padded
+    logits = {}
+    for kernel in ("eager", "sdpa"):
+        model = ValignForConditionalGeneration.from_pretrained(checkpoint, attn_implementation=kernel).eval()
+        with torch.no_grad():
+            logits[kernel] = model(**batch, attn_mode=mode).logits
+    real = batch["attention_mask"].bool()
+    assert torch.isfinite(logits["sdpa"]).all() and torch.isfinite(logits["eager"]).all()
+    torch.testing.assert_close(logits["eager"][real], logits["sdpa"][real], rtol=1e-4, atol=1e-4)
+
+
+def test_left_padding_does_not_change_a_row(model_and_processor):
+    model, processor = model_and_processor
+    texts = prompts(processor, ["Describe.", "What colour is the big round shape in this picture?"])
+    images = [shape_image("red"), shape_image("green")]
+    batch = processor(images=images, text=texts)
+    alone = processor(images=images[:1], text=texts[:1])
+    with torch.no_grad():
+        batched = model(**batch).logits[0]
+        single = model(**alone).logits[0]
+    length = alone["input_ids"].shape[1]
+    torch.testing.assert_close(batched[-length:], single, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flex_attention"])
+def test_kernels_without_custom_masks_are_refused(model_and_processor, kernel):
+    model, processor = model_and_processor
+    batch = processor(images=[shape_image("red")], text=prompts(processor, ["Describe."]))
+    text_config = model.config.text_config
+    original = text_config._attn_implementation
+    text_config._attn_implementation = kernel  # what loading with attn_implementation=kernel would set
+    try:
+        with pytest.raises(ValueError, match="needs a custom 4D attention mask"):
+            model(**batch, attn_mode="hybrid")
+    finally:
+        text_config._attn_implementation = original
+
+
+def test_generate_refuses_bidirectional(model_and_processor):
+    model, processor = model_and_processor
+    batch = processor(images=[shape_image("red")], text=prompts(processor, ["Describe."]))
+    with pytest.raises(ValueError, match="bidirectional"):
+        model.generate(**batch, attn_mode="bidirectional", max_new_tokens=2)
+
+
+def test_unknown_mode_is_refused(model_and_processor):
+    model, processor = model_and_processor
+    batch = processor(images=[shape_image("red")], text=prompts(processor, ["Describe."]))
+    with pytest.raises(ValueError, match="attn_mode must be one of"):
+        model(**batch, attn_mode="sideways")

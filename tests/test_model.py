@@ -1,0 +1,118 @@
+"""Model behaviour: bad input errors, training mechanics, save/load invariants, other backbones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import prompts, shape_image
+from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig
+from valign import ValignConfig, ValignForConditionalGeneration
+
+
+def one_batch(processor, colors=("red",), question="Describe."):
+    return processor(images=[shape_image(c) for c in colors], text=prompts(processor, [question] * len(colors)))
+
+
+def test_more_images_than_placeholders_raises_with_both_counts(model_and_processor):
+    model, processor = model_and_processor
+    batch = one_batch(processor)
+    two_images = torch.cat([batch["pixel_values"]] * 2)
+    with pytest.raises(ValueError, match=r"2 image\(s\) need 32 image tokens .* input_ids hold 16"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=two_images)
+
+
+def test_placeholder_without_image_raises(model_and_processor):
+    model, processor = model_and_processor
+    batch = one_batch(processor)
+    with pytest.raises(ValueError, match="16 image tokens but no pixel_values"):
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_wrong_pixel_shape_raises(model_and_processor):
+    model, processor = model_and_processor
+    batch = one_batch(processor)
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 3, 32, 32\)"):
+        model(**{**batch, "pixel_values": torch.zeros(1, 3, 48, 48)})
+
+
+def test_labels_without_supervised_tokens_raise(model_and_processor):
+    model, processor = model_and_processor
+    batch = one_batch(processor)
+    with pytest.raises(ValueError, match="no supervised token"):
+        model(**batch, labels=torch.full_like(batch["input_ids"], -100))
+
+
+def test_loss_is_mean_cross_entropy_over_supervised_tokens(model_and_processor):
+    model, processor = model_and_processor
+    batch = one_batch(processor, colors=("red", "blue"))
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(batch["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        out = model(**batch, labels=labels)
+    logits, targets = out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten()
+    expected = torch.nn.functional.cross_entropy(logits, targets, ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+def gradients(model, batch, labels):
+    model.zero_grad()
+    model(**batch, labels=labels).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_gives_identical_gradients(checkpoint, model_and_processor):
+    _, processor = model_and_processor
+    batch = one_batch(processor, colors=("red", "blue"))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint).train()
+    model.config.text_config.attention_dropout = 0.0
+    plain = gradients(model, batch, labels)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed = gradients(model, batch, labels)
+    assert plain.keys() == checkpointed.keys() and any(k.startswith("model.vision_tower") for k in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tied_embeddings_stay_tied_after_load(checkpoint):
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    with torch.no_grad():
+        model.get_input_embeddings().weight[3, 0] = 123.0
+    assert model.lm_head.weight[3, 0].item() == 123.0
+
+
+def test_save_and_load_in_process_gives_identical_logits(checkpoint, model_and_processor):
+    model, processor = model_and_processor
+    batch = one_batch(processor, colors=("red", "blue"))
+    loaded = ValignForConditionalGeneration.from_pretrained(checkpoint).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+
+
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4}
+TINY_VISION |= {"image_size": 32, "patch_size": 8}
+TINY_TEXT = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+
+
+@pytest.mark.parametrize(
+    ("vision_config", "prefix_tokens"),
+    [
+        (CLIPVisionConfig(**TINY_VISION), 1),
+        (Dinov2Config(**TINY_VISION), 1),
+    ],
+)
+def test_encoders_with_a_cls_token_contribute_patch_tokens_only(vision_config, prefix_tokens):
+    text_config = LlamaConfig(**TINY_TEXT, num_attention_heads=4, num_key_value_heads=4)
+    config = ValignConfig(vision_config=vision_config, text_config=text_config, image_token_id=5)
+    model = ValignForConditionalGeneration(config).eval()
+    assert config.image_seq_length == 16
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.get_image_features(pixels)
+        hidden = model.model.vision_tower(pixels).last_hidden_state
+        assert hidden.shape[1] == 16 + prefix_tokens
+        torch.testing.assert_close(features, model.model.multi_modal_projector(hidden[:, prefix_tokens:]))
+        ids = torch.tensor([[1, 2] + [5] * 16 + [7], [1, 2] + [5] * 16 + [8]])
+        assert model(input_ids=ids, pixel_values=pixels).logits.shape == (2, 19, 64)
