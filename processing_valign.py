@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import transformers
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
@@ -81,8 +83,9 @@ class ValignProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if TRANSFORMERS_MAJOR < 5:  # 4.x resolves the attributes' classes by these names; 5.x infers them, warns if named
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(
         self,

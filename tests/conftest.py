@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from scripts.crossload import chat, shape_image  # noqa: F401  (re-exported for the tests)
+
 from valign import ValignForConditionalGeneration
 from valign.train.backbones import build_tiny_backbones
 

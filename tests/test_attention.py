@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import prompts, shape_image
 from transformers import AutoModelForCausalLM
+
 from valign import ValignForConditionalGeneration
 from valign.modeling_valign import build_attention_mask
 

@@ -15,6 +15,7 @@ import evaluate
 import pycocoevalcap.eval as coco_eval_module
 import pytest
 from pycocoevalcap.eval import COCOEvalCap
+
 from valign.eval import caption_metrics
 from valign.eval.caption_metrics import JavaNotFoundError, SpiceUnavailableError, score_captions
 from valign.eval.vqa_metrics import (

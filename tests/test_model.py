@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import prompts, shape_image
 from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig
+
 from valign import ValignConfig, ValignForConditionalGeneration
 
 

@@ -7,6 +7,7 @@ from the installed `valign` package (valign.eval.caption_metrics) rather than du
 
 import datasets
 import evaluate
+
 from valign.eval.caption_metrics import score_captions
 
 _CITATION = """\
