@@ -150,7 +150,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx + rad * math.cos(a), cy + rad * math.sin(a)) for rad, a in zip(radii, angles, strict=True)]
 
     if shape == "square":
-        return ring([r * 0.95] * 4, start=-135.0)
+        return ring([r * 1.15] * 4, start=-135.0)  # corners farther out: similar area to a circle
     if shape == "triangle":
         return ring([r] * 3)
     if shape == "diamond":
@@ -183,7 +183,7 @@ def render_scene(scene: Scene, image_size: int = 64) -> PILImage.Image:
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=COLOURS[obj.colour])
         else:
             draw.polygon(_polygon(obj.shape, cx, cy, r), fill=COLOURS[obj.colour])
-    return img.resize((image_size, image_size), PILImage.Resampling.LANCZOS)
+    return img.resize((image_size, image_size), PILImage.Resampling.BOX)  # area average: no ringing halo
 
 
 # --------------------------------------------------------------------------- captions
@@ -207,10 +207,11 @@ def _human_position(cell: tuple[int, int], rng: random.Random) -> str:
     row, col = cell
     if cell == (1, 1):
         return rng.choice(("in the middle", "in the center", "in the centre"))
-    vertical = rng.choice({0: ("top", "upper"), 1: ("",), 2: ("bottom", "lower")}[row])
     horizontal = {0: "left", 1: "", 2: "right"}[col]
     if not horizontal:
-        return rng.choice((f"at the {vertical}", f"near the {vertical}"))
+        edge = "top" if row == 0 else "bottom"
+        return rng.choice((f"at the {edge}", f"near the {edge}", f"along the {edge}"))
+    vertical = rng.choice({0: ("top", "upper"), 1: ("",), 2: ("bottom", "lower")}[row])
     if not vertical:
         return rng.choice((f"on the {horizontal}", f"on the {horizontal} side", f"to the {horizontal}"))
     return rng.choice((f"in the {vertical} {horizontal}", f"in the {vertical} {horizontal} corner"))
@@ -265,9 +266,8 @@ def make_caption_dataset(n: int, style: CaptionStyle = "recap", seed: int = 0, i
         prompt = rng.choice(CAPTION_PROMPTS[style])
         rows["id"].append(f"shapes-{seed}-{i:06d}")
         rows["image"].append(render_scene(scene, image_size))
-        rows["conversations"].append(
-            [{"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": scene_caption(scene, style, rng)}]
-        )
+        turns = [("human", f"<image>\n{prompt}"), ("gpt", scene_caption(scene, style, rng))]
+        rows["conversations"].append([{"from": who, "value": text} for who, text in turns])
     return Dataset.from_dict(rows, features=CONVERSATION_FEATURES)
 
 
@@ -309,8 +309,8 @@ def load_easy_vqa(split: Literal["train", "test"] = "train", limit: int | None =
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    questions, answers, image_ids = easy_vqa.get_train_questions() if split == "train" else easy_vqa.get_test_questions()
-    paths = easy_vqa.get_train_image_paths() if split == "train" else easy_vqa.get_test_image_paths()
+    questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
+    paths = getattr(easy_vqa, f"get_{split}_image_paths")()
     if limit is not None:
         questions, answers, image_ids = questions[:limit], answers[:limit], image_ids[:limit]
     png: dict[int, bytes] = {i: Path(paths[i]).read_bytes() for i in sorted(set(image_ids))}  # embed, not paths

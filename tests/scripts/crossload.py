@@ -1,11 +1,13 @@
 """Run a valign checkpoint in a fresh process, under whichever transformers major this Python has.
 
-    python crossload.py score FOLDER OUT.safetensors    logits, input ids and pixels for a fixed left-padded batch
+    python crossload.py score FOLDER OUT.safetensors [REVISION]
+                                                        logits, input ids and pixels for a fixed left-padded batch
     python crossload.py generate FOLDER OUT.json        greedy continuations of that batch with `generate`
     python crossload.py pipeline FOLDER OUT.json        the image-text-to-text pipeline, one chat and a batch of two
     python crossload.py build FOLDER                    build and save a tiny checkpoint with this major
 
-Only `build` imports valign; the others load the folder as Hub remote code, as a user would.
+Only `build` imports valign; the others load the folder as Hub remote code, as a user would. FOLDER may also be a
+Hub repo id (with `HF_ENDPOINT` set), and `score` takes the branch, tag or commit to load.
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ def fixed_batch(processor) -> dict:
     return processor(images=[shape_image(c) for c in COLORS], text=texts)
 
 
-def load(folder: str):
-    model = AUTO_MODEL.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = transformers.AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+def load(folder: str, revision: str | None = None):
+    model = AUTO_MODEL.from_pretrained(folder, revision=revision, trust_remote_code=True).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder, revision=revision, trust_remote_code=True)
     return model, processor
 
 
-def score(folder: str, out: str) -> None:
-    model, processor = load(folder)
+def score(folder: str, out: str, revision: str | None = None) -> None:
+    model, processor = load(folder, revision)
     batch = fixed_batch(processor)
     with torch.no_grad():
         logits = model(**batch).logits

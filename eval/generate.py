@@ -1,0 +1,67 @@
+"""Batched generation for evaluation: one image and one prompt per item, left-padded, greedy or beam search."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class DecodingSettings:
+    """Recorded next to every result, so numbers can be reproduced."""
+
+    max_new_tokens: int = 32
+    num_beams: int = 1
+    batch_size: int = 16
+    attn_mode: str | None = None  # None: the checkpoint's own mode (hybrid, unless it was trained otherwise)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def chat_prompt(processor, text: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def generation_mode(model, requested: str | None) -> str:
+    """Bidirectional checkpoints (alignment stage) are decoded with the hybrid mask, the cache-consistent one."""
+    mode = requested or model.config.attn_mode
+    return "hybrid" if mode == "bidirectional" else mode
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    processor,
+    images: Sequence[Any],
+    prompts: Sequence[str],
+    settings: DecodingSettings | None = None,
+    desc: str = "generating",
+) -> list[str]:
+    """The model's reply to `prompts[i]` about `images[i]`, for every i, with a progress bar."""
+    if len(images) != len(prompts):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    settings = settings or DecodingSettings()
+    mode = generation_mode(model, settings.attn_mode)
+    texts = [chat_prompt(processor, prompt) for prompt in prompts]
+    answers: list[str] = []
+    with tqdm(total=len(texts), desc=desc, unit="item") as progress:
+        for start in range(0, len(texts), settings.batch_size):
+            stop = start + settings.batch_size
+            batch = processor(images=list(images[start:stop]), text=texts[start:stop]).to(model.device)
+            tokens = model.generate(
+                **batch,
+                attn_mode=mode,
+                max_new_tokens=settings.max_new_tokens,
+                num_beams=settings.num_beams,
+                do_sample=False,
+            )
+            new_tokens = tokens[:, batch["input_ids"].shape[1] :]
+            answers += [a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True)]
+            progress.update(len(new_tokens))
+    return answers

@@ -1,0 +1,112 @@
+"""Batches for training: chat samples → padded input ids, labels on answer tokens only, pixel values.
+
+Labels come from the chat template's `{% generation %}` markers (`return_assistant_tokens_mask`): prompt, image
+and padding tokens are never supervised. With `text_mask_ratio` > 0 (the bidirectional alignment stage) a share of
+the answer tokens is replaced by a mask token and only those are supervised: under full attention every position
+sees its successor, so plain next-token loss would be trivial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+IGNORE_INDEX = -100
+
+
+def conversation_with_image(messages: list[dict], image: Any) -> list[dict]:
+    """Attach the sample's image to its (single) image content item, where the processor looks for it."""
+    if image is None:
+        return messages
+    return [
+        {**m, "content": [{**c, "image": image} if c.get("type") == "image" else c for c in m["content"]]}
+        if isinstance(m["content"], list)
+        else m
+        for m in messages
+    ]
+
+
+def sample_generator(sample_id: str, seed: int) -> torch.Generator:
+    """A generator seeded by the sample itself, so masking is reproducible across resumes and processes."""
+    digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+
+
+def mask_answer_tokens(
+    input_ids: torch.Tensor, labels: torch.Tensor, ratio: float, mask_token_id: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace `ratio` of the supervised tokens (at least one) by the mask token; supervise only those."""
+    candidates = (labels != IGNORE_INDEX).nonzero().flatten()
+    if len(candidates) == 0:
+        return input_ids, labels
+    count = max(1, round(ratio * len(candidates)))
+    chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+    masked_labels = torch.full_like(labels, IGNORE_INDEX)
+    masked_labels[chosen] = input_ids[chosen]
+    masked_ids = input_ids.clone()
+    masked_ids[chosen] = mask_token_id
+    return masked_ids, masked_labels
+
+
+class ConversationCollator:
+    """Turn samples `{"id", "image", "messages"}` into a training batch for valign."""
+
+    def __init__(
+        self,
+        processor,
+        max_length: int = 2048,
+        text_mask_ratio: float = 0.0,
+        mask_token_id: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if text_mask_ratio > 0 and mask_token_id is None:
+            raise ValueError("text_mask_ratio > 0 needs a mask_token_id")
+        self.processor = processor
+        self.max_length = max_length
+        self.text_mask_ratio = text_mask_ratio
+        self.mask_token_id = mask_token_id
+        self.seed = seed
+
+    def encode(self, sample: dict) -> dict[str, torch.Tensor]:
+        """One sample: token ids, labels (answer tokens only), pixel values; cut to `max_length`."""
+        encoded = self.processor.apply_chat_template(
+            [conversation_with_image(sample["messages"], sample["image"])],
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+        )
+        input_ids = encoded["input_ids"][0]
+        labels = input_ids.masked_fill(~encoded["assistant_masks"][0].bool(), IGNORE_INDEX)
+        if len(input_ids) > self.max_length:
+            if (input_ids[self.max_length :] == self.processor.image_token_id).any():
+                raise ValueError(
+                    f"sample {sample['id']}: max_length={self.max_length} would cut into its image; raise max_length"
+                )
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+        if self.text_mask_ratio > 0:
+            generator = sample_generator(str(sample["id"]), self.seed)
+            input_ids, labels = mask_answer_tokens(
+                input_ids, labels, self.text_mask_ratio, self.mask_token_id, generator
+            )
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": encoded.get("pixel_values")}
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = [self.encode(sample) for sample in samples if sample is not None]
+        if not encoded:
+            raise ValueError("a batch in which every sample was skipped: check the data report")
+        pad_id = self.processor.tokenizer.pad_token_id
+        input_ids = pad_sequence([e["input_ids"] for e in encoded], batch_first=True, padding_value=pad_id)
+        lengths = torch.tensor([len(e["input_ids"]) for e in encoded])
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long(),
+            "labels": pad_sequence([e["labels"] for e in encoded], batch_first=True, padding_value=IGNORE_INDEX),
+        }
+        pixels = [e["pixel_values"] for e in encoded if e["pixel_values"] is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+        return batch

@@ -1,0 +1,88 @@
+"""A training stage as data: one YAML file per stage (see train/recipes/), read into `StageConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..configuration_valign import ATTN_MODES
+
+MODULES = ("vision_tower", "multi_modal_projector", "language_model")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class DataSource:
+    """One data set feeding a stage: a Hub id or a local parquet/JSON file or folder."""
+
+    source: str
+    split: str = "train"
+    limit: int | None = None  # first rows only (smoke runs, the CPU demo)
+    streaming: bool = False
+
+
+@dataclass
+class StageConfig:
+    """Everything that distinguishes one stage of the recipe from another.
+
+    `learning_rates` names the modules that train (the others are frozen): keys among `MODULES`; `lm_head` counts
+    as part of `language_model`. `text_mask_ratio` > 0 turns on the alignment-stage objective: that share of the
+    answer tokens is replaced by `mask_token` and only those positions are supervised.
+    """
+
+    name: str
+    attn_mode: str
+    learning_rates: dict[str, float]
+    data: list[DataSource]
+    text_mask_ratio: float = 0.0
+    mask_token: str = "<|mask|>"
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_length: int = 2048
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    save_steps: int = 500
+    logging_steps: int = 10
+    seed: int = 0
+    caption_prompt: str = "Describe the image in detail."
+    extra_training_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
+
+    def __post_init__(self) -> None:
+        self.data = [d if isinstance(d, DataSource) else DataSource(**d) for d in self.data]
+        if self.attn_mode not in ATTN_MODES:
+            raise ValueError(f"{self.name}: attn_mode must be one of {ATTN_MODES}, got {self.attn_mode!r}")
+        unknown = set(self.learning_rates) - set(MODULES)
+        if unknown or not self.learning_rates:
+            raise ValueError(
+                f"{self.name}: learning_rates needs keys among {MODULES}, got {sorted(self.learning_rates)}"
+            )
+        if not 0.0 <= self.text_mask_ratio < 1.0:
+            raise ValueError(f"{self.name}: text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}")
+        if self.text_mask_ratio > 0 and self.attn_mode != "bidirectional":
+            raise ValueError(f"{self.name}: token masking is the bidirectional stage's objective; set attn_mode")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"{self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.data:
+            raise ValueError(f"{self.name}: no data sources")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> StageConfig:
+        """Read a stage file; `overrides` replace top-level fields (e.g. from the command line)."""
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"{path}: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**{**values, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,169 @@
+"""Run one stage, or a recipe of stages, of valign's training with `transformers.Trainer`.
+
+The same entry point serves one CPU, one GPU and several processes (`torchrun` / `accelerate launch`: DDP, or
+FSDP/DeepSpeed through `extra_training_args` in the stage file). Each stage starts from the previous stage's
+output folder and writes a complete Hub-ready checkpoint (model, processor, remote code, card) to its own folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..modeling_valign import ValignForConditionalGeneration
+from ..processing_valign import ValignProcessor
+from .collator import ConversationCollator
+from .config import StageConfig
+from .data import SkipCounter, SkipReportCallback, build_dataset
+from .trainer import TrainingLogCallback, ValignTrainer, read_training_log, set_trainable
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    name: str
+    folder: Path
+    first_loss: float | None
+    last_loss: float | None
+    skip_report: str
+
+
+def ensure_mask_token(model: ValignForConditionalGeneration, processor: ValignProcessor, token: str) -> int:
+    """The id of the alignment stage's mask token, adding it if the tokenizer lacks it.
+
+    A new token's embedding is set to the mean of the existing ones: a neutral "unknown word" vector that a
+    frozen language model can read without surprise. It is never generated.
+    """
+    tokenizer = processor.tokenizer
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token], special_tokens=True)
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        embeddings = model.get_input_embeddings().weight
+        with torch.no_grad():
+            embeddings[token_id] = embeddings[:token_id].mean(0)
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    suppressed = list(model.generation_config.suppress_tokens or [])
+    model.generation_config.suppress_tokens = sorted({*suppressed, token_id})
+    return token_id
+
+
+def resolve_source(source: str, data_root: Path | None) -> str:
+    """A source relative to `data_root` when such a file exists there, else the source as given (a Hub id)."""
+    if data_root is not None and (data_root / source).exists():
+        return str(data_root / source)
+    return source
+
+
+def stage_dataset(config: StageConfig, data_root: Path | None) -> tuple[ConcatDataset, SkipCounter]:
+    skips = SkipCounter()
+    parts = [
+        build_dataset(
+            resolve_source(d.source, data_root),
+            d.split,
+            d.streaming,
+            limit=d.limit,
+            skips=skips,
+            caption_prompt=config.caption_prompt,
+            seed=config.seed,
+        )
+        for d in config.data
+    ]
+    return ConcatDataset(parts), skips
+
+
+def warmup_argument(ratio: float) -> dict[str, float]:
+    # transformers 5 takes a ratio as a float `warmup_steps` < 1 and dropped `warmup_ratio`; 4.x has both.
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
+
+
+def checkpointing_arguments(enabled: bool) -> dict:
+    # Only named when on: transformers 5 renamed the field and warns whenever the old name is passed.
+    return (
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if enabled else {}
+    )
+
+
+def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler_type="cosine",
+        **warmup_argument(config.warmup_ratio),
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        bf16=config.precision == "bf16",
+        fp16=config.precision == "fp16",
+        **checkpointing_arguments(config.gradient_checkpointing),
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        logging_steps=config.logging_steps,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to="none",
+        remove_unused_columns=False,  # the collator needs the samples' messages and images
+        **config.extra_training_args,
+    )
+
+
+def run_stage(
+    config: StageConfig,
+    init_from: str | Path,
+    output_dir: str | Path,
+    data_root: str | Path | None = None,
+    resume: bool = False,
+) -> StageResult:
+    """Train one stage from the checkpoint `init_from`; the final checkpoint goes to `output_dir`."""
+    output_dir = Path(output_dir)
+    data_root = Path(data_root) if data_root is not None else None
+    model = ValignForConditionalGeneration.from_pretrained(init_from, attn_implementation="sdpa")
+    processor = ValignProcessor.from_pretrained(init_from, trust_remote_code=True)  # sub-configs name remote code
+    model.config.attn_mode = config.attn_mode  # the checkpoint carries the policy it was trained with
+    mask_token_id = ensure_mask_token(model, processor, config.mask_token) if config.text_mask_ratio > 0 else None
+    trainable = set_trainable(model, config.learning_rates)
+    logger.info("%s: trainable parameters %s", config.name, trainable)
+
+    dataset, skips = stage_dataset(config, data_root)
+    collator = ConversationCollator(processor, config.max_length, config.text_mask_ratio, mask_token_id, config.seed)
+    args = training_arguments(config, output_dir)
+    if not resume and (output_dir / "training_log.jsonl").exists():
+        (output_dir / "training_log.jsonl").unlink()  # a fresh run starts a fresh log
+    trainer = ValignTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        learning_rates=config.learning_rates,
+        callbacks=[TrainingLogCallback(output_dir, config.name), SkipReportCallback(skips)],
+    )
+    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+
+    if trainer.is_world_process_zero():
+        model.save_pretrained(output_dir)
+        processor.save_pretrained(output_dir)
+        (output_dir / "stage_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        print(f"{config.name}: {skips.report()}")
+    log = read_training_log(output_dir / "training_log.jsonl") if (output_dir / "training_log.jsonl").exists() else []
+    return StageResult(
+        name=config.name,
+        folder=output_dir,
+        first_loss=log[0]["loss"] if log else None,
+        last_loss=log[-1]["loss"] if log else None,
+        skip_report=skips.report(),
+    )

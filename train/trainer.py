@@ -1,0 +1,110 @@
+"""`transformers.Trainer` with per-module learning rates and freezing, and a loss/learning-rate log per stage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from .config import MODULES
+
+
+def module_of(parameter_name: str) -> str:
+    """Which of valign's three parts a parameter belongs to (`lm_head` is part of the language model)."""
+    for module in MODULES:
+        if f".{module}." in f".{parameter_name}":
+            return module
+    if parameter_name.startswith("lm_head") or ".lm_head." in parameter_name:
+        return "language_model"
+    raise ValueError(f"parameter {parameter_name!r} belongs to none of {MODULES}")
+
+
+def set_trainable(model: torch.nn.Module, learning_rates: dict[str, float]) -> dict[str, int]:
+    """Freeze every module without a learning rate; return the trainable parameter count per module."""
+    counts = dict.fromkeys(learning_rates, 0)
+    for name, parameter in model.named_parameters():
+        module = module_of(name)
+        parameter.requires_grad_(module in learning_rates)
+        if module in learning_rates:
+            counts[module] += parameter.numel()
+    return counts
+
+
+class ValignTrainer(Trainer):
+    """A Trainer whose optimizer has one learning rate per module (vision tower, projector, language model)."""
+
+    def __init__(self, *args, learning_rates: dict[str, float], **kwargs) -> None:
+        self.learning_rates = learning_rates
+        super().__init__(*args, **kwargs)
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = []
+        for module, lr in self.learning_rates.items():
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and module_of(n) == module]
+            for with_decay in (True, False):
+                params = [p for n, p in named if (n in decay) == with_decay]
+                if params:
+                    weight_decay = self.args.weight_decay if with_decay else 0.0
+                    groups.append({"params": params, "lr": lr, "weight_decay": weight_decay, "module": module})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)  # each group carries its own
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+class TrainingLogCallback(TrainerCallback):
+    """Write the loss and per-module learning rates as JSON lines, and a PNG plot when training ends."""
+
+    def __init__(self, folder: str | Path, stage: str) -> None:
+        self.folder = Path(folder)
+        self.stage = stage
+        self.path = self.folder / "training_log.jsonl"
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "loss": logs["loss"]}
+        if optimizer is not None:
+            record["learning_rates"] = {g["module"]: g["lr"] for g in optimizer.param_groups if "module" in g}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if state.is_world_process_zero and self.path.exists():
+            plot_training_log(self.path, self.folder / "training_log.png", title=self.stage)
+
+
+def read_training_log(path: str | Path) -> list[dict]:
+    """The records of a log, keeping the last one per step (a resumed run re-logs steps after its checkpoint)."""
+    records = {}
+    for line in Path(path).read_text().splitlines():
+        record = json.loads(line)
+        records[record["step"]] = record
+    return [records[step] for step in sorted(records)]
+
+
+def plot_training_log(log_path: str | Path, png_path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_training_log(log_path)
+    steps = [r["step"] for r in records]
+    figure, (loss_axis, lr_axis) = plt.subplots(1, 2, figsize=(10, 3.5))
+    loss_axis.plot(steps, [r["loss"] for r in records])
+    loss_axis.set(title=f"{title}: training loss", xlabel="step", ylabel="loss")
+    for module in records[0].get("learning_rates", {}):
+        lr_axis.plot(steps, [r["learning_rates"][module] for r in records], label=module)
+    lr_axis.set(title="learning rate", xlabel="step", yscale="log")
+    lr_axis.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
