@@ -1,57 +1,142 @@
-"""Offline demo: build a tiny valign checkpoint from local random backbones, load it back as a Hub user would,
-and caption a few rendered scenes. It exercises the whole package without network or GPU; the captions are
-those of an untrained model until the training recipe runs.
+"""The embedded default: valign's four-stage recipe end to end on one CPU, offline, in minutes.
 
-    python -m valign.train.demo [--output outputs/demo] [--images 4]
+It generates its data (rendered shape scenes captioned in the "recap" style, easy-VQA questions), builds tiny
+random SigLIP/Qwen2 backbones with a tokenizer trained on that data, runs stages 0–3 of `train/recipes/demo`,
+then evaluates on held-out images: caption CIDEr, and VQA accuracy per question type next to two image-blind
+baselines (the answer prior per question, and the trained model fed mismatched images).
+
+    python -m valign.train                       # everything, into outputs/demo
+    python -m valign.train demo --output DIR --resume
 """
 
 from __future__ import annotations
 
-import argparse
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import transformers
 
+from ..eval.captions import evaluate_captions
+from ..eval.generate import DecodingSettings
+from ..eval.vqa import evaluate_vqa
 from ..modeling_valign import ValignForConditionalGeneration
+from ..processing_valign import ValignProcessor
 from .backbones import build_tiny_backbones
-from .synthetic import make_scene, recap_caption, render_scene
+from .data import DEFAULT_VQA_INSTRUCTION
+from .run import StageResult, run_recipe
+from .synthetic import load_easy_vqa, make_caption_dataset, make_caption_eval_set, write_parquet
 
-AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
+DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo"
+CAPTION_PROMPT = "Describe the image in detail."
 
 
-def build_checkpoint(folder: Path) -> Path:
-    vision, text = build_tiny_backbones(folder / "backbones")
+@dataclass
+class DemoSizes:
+    captions: int = 4000
+    vqa_train: int = 8000
+    caption_eval: int = 100
+    vqa_test: int = 500
+    image_size: int = 64
+    caption_style: str = "recap"
+
+
+@dataclass
+class DemoResult:
+    stages: list[StageResult]
+    captions: dict[str, Any]
+    vqa: dict[str, Any]
+    sizes: DemoSizes = field(default_factory=DemoSizes)
+
+
+def make_demo_data(folder: Path, sizes: DemoSizes) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    captions = make_caption_dataset(sizes.captions, sizes.caption_style, seed=0, image_size=sizes.image_size)
+    write_parquet(captions, folder / "captions_recap.parquet")
+    write_parquet(load_easy_vqa("train", sizes.vqa_train), folder / "vqa_train.parquet")
+
+
+def demo_corpus(sizes: DemoSizes) -> list[str]:
+    """The text the demo's tokenizer is trained on: its captions, questions, answers and prompts."""
+    captions = make_caption_dataset(min(sizes.captions, 500), sizes.caption_style, image_size=8)
+    vqa = load_easy_vqa("train", sizes.vqa_train)
+    turns = [turn["value"].replace("<image>", "") for c in captions["conversations"] for turn in c]
+    return turns + list(vqa["question"]) + list(vqa["answer"]) + [CAPTION_PROMPT, DEFAULT_VQA_INSTRUCTION]
+
+
+def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
+    """A valign checkpoint assembled from tiny random backbones, the starting point of stage 0."""
+    torch.manual_seed(0)
+    vision, text = build_tiny_backbones(
+        folder / "backbones", text_width=128, vision_width=128, layers=4, init_std=0.02, corpus=demo_corpus(sizes)
+    )
     model, processor = ValignForConditionalGeneration.from_backbones(str(vision), str(text))
-    model.save_pretrained(folder / "checkpoint")
-    processor.save_pretrained(folder / "checkpoint")
-    return folder / "checkpoint"
+    model.save_pretrained(folder / "init")
+    processor.save_pretrained(folder / "init")
+    return folder / "init"
 
 
-def caption(checkpoint: Path, images: list, max_new_tokens: int = 24) -> list[str]:
-    model = AUTO_MODEL.from_pretrained(checkpoint, trust_remote_code=True).eval()
-    processor = transformers.AutoProcessor.from_pretrained(checkpoint, trust_remote_code=True)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
-    prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)
-    batch = processor(images=images, text=[prompt] * len(images))
-    with torch.no_grad():
-        tokens = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+def evaluate_demo(checkpoint: Path, sizes: DemoSizes) -> tuple[dict, dict]:
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = ValignProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    settings = DecodingSettings(max_new_tokens=40, batch_size=32)
+    eval_set = make_caption_eval_set(sizes.caption_eval, image_size=sizes.image_size)
+    captions = evaluate_captions(
+        model, processor, eval_set["image"], eval_set["captions"], eval_set["image_id"], CAPTION_PROMPT, settings
+    )
+    test, train = load_easy_vqa("test", sizes.vqa_test), load_easy_vqa("train", sizes.vqa_train)
+    vqa = evaluate_vqa(
+        model,
+        processor,
+        test["image"],
+        test["question"],
+        test["answer"],
+        test["question_type"],
+        train["question"],
+        train["answer"],
+        DecodingSettings(max_new_tokens=4, batch_size=64),
+    )
+    return captions, vqa
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--images", type=int, default=4)
-    args = parser.parse_args(argv)
-
-    checkpoint = build_checkpoint(args.output)
-    scenes = [make_scene(seed=0, index=i, split="test") for i in range(args.images)]
-    captions = caption(checkpoint, [render_scene(scene, 32) for scene in scenes])
-    print(f"checkpoint: {checkpoint}")
-    for scene, text in zip(scenes, captions):
-        print(f"- scene: {recap_caption(scene)}\n  model: {text!r}")
+def percent(scores: dict, key: str = "accuracy") -> str:
+    value = scores.get(key)
+    return "–" if value is None else f"{100 * value:.1f}"
 
 
-if __name__ == "__main__":
-    main()
+def report(result: DemoResult) -> str:
+    """A markdown report: losses per stage, caption scores, VQA accuracy beside the image-blind baselines."""
+    lines = ["| stage | first loss | last loss |", "|---|---|---|"]
+    lines += [f"| {s.name} | {s.first_loss:.3f} | {s.last_loss:.3f} |" for s in result.stages]
+    scores = result.captions["scores"]
+    lines += ["", f"Captions ({len(result.captions['captions'])} held-out scenes, greedy): "]
+    lines[-1] += ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items())
+    arms = {"valign": "model", "answer prior (blind)": "answer_prior", "mismatched images (blind)": "mismatched_images"}
+    types = sorted(result.vqa["model"]["per_type"])
+    lines += ["", "| VQA (easy-VQA test) | accuracy ± s.e. | " + " | ".join(types) + " |"]
+    lines += ["|---|---|" + "---|" * len(types)]
+    for label, key in arms.items():
+        s = result.vqa[key]
+        per_type = " | ".join(percent(s["per_type"][t]) for t in types)
+        lines.append(f"| {label} | {percent(s)} ± {100 * s['accuracy_stderr']:.1f} | {per_type} |")
+    n = result.vqa["model"]["n"]
+    lines.append(f"\n{n} test questions; ± is one binomial standard error of the overall accuracy.")
+    return "\n".join(lines)
+
+
+def run_demo(output: Path, sizes: DemoSizes | None = None, resume: bool = False) -> DemoResult:
+    sizes = sizes or DemoSizes()
+    data = output / "data"
+    if not (resume and (data / "vqa_train.parquet").exists()):
+        make_demo_data(data, sizes)
+    init = output / "init" if resume and (output / "init" / "config.json").exists() else build_demo_init(output, sizes)
+    stages = run_recipe(DEMO_RECIPE, init, output / "stages", data_root=data, resume=resume, base_models=[])
+    captions, vqa = evaluate_demo(stages[-1].folder, sizes)
+    result = DemoResult(stages, captions, vqa, sizes)
+    text = report(result)
+    (output / "results.md").write_text(text + "\n")
+    serialisable = {"stages": [vars(s) | {"folder": str(s.folder)} for s in stages], "captions": captions, "vqa": vqa}
+    (output / "results.json").write_text(json.dumps(serialisable, indent=2, default=str) + "\n")
+    print(text)
+    return result

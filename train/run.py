@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArgumen
         seed=config.seed,
         data_seed=config.seed,
         report_to="none",
+        use_cpu=not torch.accelerator.is_available(),  # on CPU, torchrun's processes then form a gloo group
         remove_unused_columns=False,  # the collator needs the samples' messages and images
         **config.extra_training_args,
     )
@@ -159,6 +161,8 @@ def run_stage(
         processor.save_pretrained(output_dir)
         (output_dir / "stage_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"{config.name}: {skips.report()}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # the next stage loads this folder in every process
     log = read_training_log(output_dir / "training_log.jsonl") if (output_dir / "training_log.jsonl").exists() else []
     return StageResult(
         name=config.name,
@@ -167,3 +171,57 @@ def run_stage(
         last_loss=log[-1]["loss"] if log else None,
         skip_report=skips.report(),
     )
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def stage_files(recipe: str | Path) -> list[Path]:
+    """The stage files of a recipe folder, in order (stage0.yaml, stage1.yaml, ...)."""
+    files = sorted(Path(recipe).glob("stage*.yaml"))
+    if not files:
+        raise FileNotFoundError(f"no stage*.yaml files in {recipe}")
+    return files
+
+
+def is_finished(folder: Path) -> bool:
+    return (folder / "stage_config.json").exists() and (folder / "config.json").exists()
+
+
+def run_recipe(
+    recipe: str | Path,
+    init_from: str | Path,
+    output_dir: str | Path,
+    data_root: str | Path | None = None,
+    resume: bool = False,
+    push_to_hub: str | None = None,
+    base_models: list[str] | None = None,
+    overrides: dict | None = None,
+) -> list[StageResult]:
+    """Run every stage of `recipe`, each from the previous one's output; with `resume`, finished stages are kept
+    and an interrupted one continues from its last checkpoint. `push_to_hub` pushes stage N to branch `stage-N`
+    and the last stage to `main` as well."""
+    from .hub import push_stage, stage_model_card
+
+    output_dir = Path(output_dir)
+    files = stage_files(recipe)
+    results, previous = [], Path(init_from)
+    for index, path in enumerate(files):
+        config = StageConfig.from_yaml(path, **(overrides or {}))
+        folder = output_dir / config.name
+        if resume and is_finished(folder):
+            print(f"{config.name}: already finished in {folder}, kept")
+            log = read_training_log(folder / "training_log.jsonl")
+            results.append(StageResult(config.name, folder, log[0]["loss"], log[-1]["loss"], "kept"))
+        else:
+            results.append(run_stage(config, previous, folder, data_root, resume))
+        if is_main_process():
+            card = stage_model_card(
+                config.name, config.to_dict(), [d.source for d in config.data], base_models or [], repo_id=push_to_hub
+            )
+            (folder / "README.md").write_text(card)
+            if push_to_hub:
+                push_stage(folder, push_to_hub, branch=config.name, also_main=index == len(files) - 1)
+        previous = folder
+    return results

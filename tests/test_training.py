@@ -1,0 +1,186 @@
+"""The training runner: labels, stage-0 masking, freezing and per-module learning rates, resume, several processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, shape_image
+from safetensors.torch import load_file
+
+from valign.train.collator import IGNORE_INDEX, ConversationCollator, mask_answer_tokens, sample_generator
+from valign.train.config import StageConfig
+from valign.train.run import ensure_mask_token, run_stage
+from valign.train.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
+from valign.train.trainer import module_of, set_trainable
+
+
+def sample(sample_id: str, question: str, answer: str, color: str = "red") -> dict:
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    return {"id": sample_id, "image": shape_image(color), "messages": messages}
+
+
+def test_labels_cover_exactly_the_answer_tokens(model_and_processor):
+    _, processor = model_and_processor
+    batch = ConversationCollator(processor)([sample("a", "What colour?", "red"), sample("b", "Shape?", "a circle")])
+    tokenizer = processor.tokenizer
+    for row, answer in enumerate(["red", "a circle"]):
+        supervised = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        assert tokenizer.decode(supervised) == answer + "<|im_end|>"
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == IGNORE_INDEX).all()
+    assert batch["pixel_values"].shape[0] == 2
+
+
+def test_stage0_masking_replaces_a_fifth_of_the_answer_and_supervises_only_there():
+    input_ids = torch.arange(100, 140)
+    labels = torch.full((40,), IGNORE_INDEX)
+    labels[10:30] = input_ids[10:30]  # a 20-token answer
+    masked_ids, masked_labels = mask_answer_tokens(input_ids, labels, 0.2, 7, sample_generator("x", 0))
+    chosen = (masked_ids == 7).nonzero().flatten()
+    assert len(chosen) == 4 and ((chosen >= 10) & (chosen < 30)).all()
+    assert torch.equal((masked_labels != IGNORE_INDEX).nonzero().flatten(), chosen)
+    assert torch.equal(masked_labels[chosen], input_ids[chosen])
+    again, _ = mask_answer_tokens(input_ids, labels, 0.2, 7, sample_generator("x", 0))
+    other, _ = mask_answer_tokens(input_ids, labels, 0.2, 7, sample_generator("y", 0))
+    assert torch.equal(again, masked_ids) and not torch.equal(other, masked_ids)
+
+
+def test_new_mask_token_gets_the_mean_embedding_and_is_never_generated(checkpoint):
+    from valign import ValignForConditionalGeneration, ValignProcessor
+
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint)
+    processor = ValignProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    old_rows = model.get_input_embeddings().weight.detach().clone()
+    token_id = ensure_mask_token(model, processor, "<|mask|>")
+    weights = model.get_input_embeddings().weight
+    assert token_id == len(old_rows) and weights.shape[0] == len(old_rows) + 1
+    torch.testing.assert_close(weights[token_id], old_rows.mean(0))
+    assert token_id in model.generation_config.suppress_tokens
+    assert ensure_mask_token(model, processor, "<|mask|>") == token_id  # idempotent
+
+
+def test_every_parameter_belongs_to_one_module_and_freezing_follows_the_learning_rates(checkpoint):
+    from valign import ValignForConditionalGeneration
+
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint)
+    counts = set_trainable(model, {"multi_modal_projector": 1e-3})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(module_of(n) == "multi_modal_projector" for n in trainable)
+    assert counts["multi_modal_projector"] == sum(p.numel() for p in model.multi_modal_projector.parameters())
+    assert module_of("lm_head.weight") == "language_model"
+    with pytest.raises(ValueError, match="belongs to none"):
+        module_of("something.else")
+
+
+def test_stage_config_rejects_inconsistent_settings(tmp_path):
+    base = {"name": "s", "attn_mode": "hybrid", "learning_rates": {"multi_modal_projector": 1e-3}, "data": []}
+    with pytest.raises(ValueError, match="no data sources"):
+        StageConfig(**base)
+    data = [{"source": "x.parquet"}]
+    with pytest.raises(ValueError, match="learning_rates needs keys"):
+        StageConfig(**{**base, "data": data, "learning_rates": {"projector": 1e-3}})
+    with pytest.raises(ValueError, match="bidirectional stage's objective"):
+        StageConfig(**{**base, "data": data, "text_mask_ratio": 0.2})
+    (tmp_path / "stage.yaml").write_text("name: s\nattn_mode: hybrid\nlearnig_rates: {}\n")
+    with pytest.raises(ValueError, match="unknown fields \\['learnig_rates'\\]"):
+        StageConfig.from_yaml(tmp_path / "stage.yaml")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_parquet(make_caption_dataset(48, "recap", image_size=32), root / "captions.parquet")
+    write_parquet(load_easy_vqa("train", 48), root / "vqa.parquet")
+    return root
+
+
+def stage(name: str, **fields) -> StageConfig:
+    values = {
+        "name": name,
+        "attn_mode": "hybrid",
+        "learning_rates": {"vision_tower": 1e-4, "multi_modal_projector": 1e-3, "language_model": 5e-4},
+        "data": [{"source": "captions.parquet"}, {"source": "vqa.parquet"}],
+        "batch_size": 8,
+        "precision": "fp32",
+        "logging_steps": 1,
+        "save_steps": 3,
+        "warmup_ratio": 0.0,
+    }
+    return StageConfig(**{**values, **fields})
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "model.safetensors")
+
+
+def test_per_module_learning_rates_and_frozen_modules(checkpoint, data_root, tmp_path):
+    config = stage("s", learning_rates={"multi_modal_projector": 1e-3, "language_model": 2e-4}, max_steps=2)
+    result = run_stage(config, checkpoint, tmp_path / "out", data_root)
+    before, after = weights(checkpoint), weights(tmp_path / "out")
+    changed = {module_of(n) for n in before if not torch.equal(before[n], after[n])}
+    assert changed == {"multi_modal_projector", "language_model"}  # the vision tower stayed frozen
+    log = (tmp_path / "out" / "training_log.jsonl").read_text().splitlines()
+    first = json.loads(log[0])["learning_rates"]
+    assert first.keys() == {"multi_modal_projector", "language_model"}  # one logged rate per trained module
+    # the cosine schedule scales every group alike, so the modules keep the configured 5:1 ratio
+    assert first["multi_modal_projector"] / first["language_model"] == pytest.approx(5.0)
+    assert 0 < first["multi_modal_projector"] <= 1e-3
+    assert result.first_loss is not None and (tmp_path / "out" / "training_log.png").stat().st_size > 0
+
+
+def test_killed_and_resumed_stage_ends_like_an_uninterrupted_one(checkpoint, data_root, tmp_path, monkeypatch):
+    config = stage("s", text_mask_ratio=0.0, max_steps=6)
+    run_stage(config, checkpoint, tmp_path / "straight", data_root)
+
+    from transformers import TrainerCallback
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise KeyboardInterrupt("simulated kill")
+
+    import valign.train.run as run_module
+
+    original = run_module.ValignTrainer
+
+    class CrashingTrainer(original):
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[*callbacks, Crash()], **kwargs)
+
+    monkeypatch.setattr(run_module, "ValignTrainer", CrashingTrainer)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(config, checkpoint, tmp_path / "resumed", data_root)
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3").is_dir()
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()
+    monkeypatch.setattr(run_module, "ValignTrainer", original)
+    run_stage(config, checkpoint, tmp_path / "resumed", data_root, resume=True)
+
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_cpu_processes_train_like_one_with_the_same_global_batch(checkpoint, data_root, tmp_path):
+    """DDP over gloo: 2 processes × 8 samples reach the weights of 1 process × 16 samples."""
+    config_path = tmp_path / "stage.yaml"
+    shutil.copy(REPO / "tests" / "data" / "ddp_stage.yaml", config_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    common = ["-m", "valign.train", "stage", str(config_path), "--init", str(checkpoint), "--data-root", str(data_root)]
+    subprocess.run([*command, *common, "--output", str(tmp_path / "ddp")], check=True, env=env, timeout=300)
+    single = StageConfig.from_yaml(config_path, batch_size=16)
+    run_stage(single, checkpoint, tmp_path / "single", data_root)
+    ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    assert any(not torch.equal(ddp[n], weights(checkpoint)[n]) for n in ddp)
+    for name in one:
+        torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-5, msg=name)

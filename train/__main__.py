@@ -1,0 +1,89 @@
+"""valign's training command line.
+
+    python -m valign.train                                   the embedded default: the offline CPU demo
+    python -m valign.train demo [--output DIR] [--resume]
+    python -m valign.train recipe train/recipes/paper --output runs/paper \\
+        [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
+        [--data-root DIR] [--resume] [--push-to-hub USER/REPO] [--max-steps N]
+    python -m valign.train stage train/recipes/paper/stage1.yaml --init runs/paper/stage-0 --output runs/paper/stage-1
+
+Several processes: prefix any of these with `torchrun --nproc_per_node N -m valign.train ...` (or
+`accelerate launch -m valign.train ...`); the Trainer sets up DDP from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from accelerate import PartialState
+
+from ..modeling_valign import ValignForConditionalGeneration
+from .config import StageConfig
+from .run import run_recipe, run_stage
+
+
+def assemble_init(vision: str, text: str, gguf_file: str | None, folder: Path) -> Path:
+    """A stage-0 starting checkpoint from pretrained backbones (fresh projector), made once across processes."""
+    state = PartialState()
+    if state.is_main_process:
+        model, processor = ValignForConditionalGeneration.from_backbones(vision, text, gguf_file=gguf_file)
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    state.wait_for_everyone()
+    return folder
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m valign.train", description=__doc__.split("\n")[0])
+    commands = root.add_subparsers(dest="command")
+
+    demo = commands.add_parser("demo", help="the offline CPU demo (the default)")
+    demo.add_argument("--output", type=Path, default=Path("outputs/demo"))
+    demo.add_argument("--resume", action="store_true", help="keep finished stages, continue an interrupted one")
+
+    recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
+    recipe.add_argument("recipe", type=Path)
+    stage = commands.add_parser("stage", help="run one stage file")
+    stage.add_argument("config", type=Path)
+    for command in (recipe, stage):
+        command.add_argument("--output", type=Path, required=True)
+        command.add_argument("--init", type=Path, help="a valign checkpoint to start from")
+        command.add_argument("--data-root", type=Path, help="folder that relative data sources are resolved in")
+        command.add_argument("--resume", action="store_true")
+        command.add_argument("--max-steps", type=int, help="override every stage's max_steps (smoke runs)")
+    recipe.add_argument("--vision", default="google/siglip-so400m-patch14-224")
+    recipe.add_argument("--text", default="Qwen/Qwen2.5-0.5B-Instruct")
+    recipe.add_argument("--gguf-file", help="load the language model from this GGUF file inside --text")
+    recipe.add_argument("--push-to-hub", metavar="REPO", help="push stage N to branch stage-N, the last to main")
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    if args.command in (None, "demo"):
+        from .demo import run_demo
+
+        run_demo(getattr(args, "output", Path("outputs/demo")), resume=getattr(args, "resume", False))
+        return
+    overrides = {"max_steps": args.max_steps}
+    if args.command == "stage":
+        if args.init is None:
+            raise SystemExit("stage needs --init CHECKPOINT (the previous stage's output folder)")
+        run_stage(StageConfig.from_yaml(args.config, **overrides), args.init, args.output, args.data_root, args.resume)
+        return
+    init = args.init or assemble_init(args.vision, args.text, args.gguf_file, args.output / "init")
+    run_recipe(
+        args.recipe,
+        init,
+        args.output,
+        args.data_root,
+        args.resume,
+        args.push_to_hub,
+        base_models=[args.vision, args.text],
+        overrides=overrides,
+    )
+
+
+if __name__ == "__main__":
+    main()
