@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import other_major_python
 from hub_server import LoopbackHub, git_blob_sha, loopback_hub, serve_hub, use_hub_endpoint
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
@@ -214,16 +215,10 @@ def test_subprocess_client_uses_hf_endpoint(tmp_path: Path) -> None:
         server.assert_all_handled()
 
 
-# The virtualenv of the other transformers major (huggingface_hub 0.36), wherever this checkout keeps it.
-_ROOT = Path(__file__).resolve().parents[1]
-_OLD_VENVS = [os.environ.get("VALIGN_TF4_PYTHON", ""), _ROOT / ".venv-tf4/bin/python", _ROOT / ".venv457/bin/python"]
-OLD_VENV_PYTHON = next((Path(p) for p in _OLD_VENVS if p and Path(p).is_file()), None)
-
-
-@pytest.mark.skipif(OLD_VENV_PYTHON is None, reason="no virtualenv with the other transformers major here")
 def test_huggingface_hub_036_client(tmp_path: Path) -> None:
+    """The transformers 4.57 environment pairs with huggingface_hub 0.36."""
     with serve_hub() as server:
-        assert _run_client(str(OLD_VENV_PYTHON), server, tmp_path / "hf-home") == "from a subprocess"
+        assert _run_client(str(other_major_python()), server, tmp_path / "hf-home") == "from a subprocess"
         server.assert_all_handled()
 
 

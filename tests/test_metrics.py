@@ -7,7 +7,6 @@ results because METEOR's Java start-up costs ~15 s; score_captions reuses one ME
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,10 +27,6 @@ from valign.eval.vqa_metrics import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-requires_java = pytest.mark.skipif(
-    shutil.which("java") is None, reason="pycocoevalcap needs a Java runtime (apt-get install default-jre-headless)"
-)
 
 REFERENCES = {
     "beach": [
@@ -113,7 +108,6 @@ def coco_caption_metric() -> evaluate.EvaluationModule:
 # --------------------------------------------------------------------------- captions
 
 
-@requires_java
 def test_score_captions_matches_coco_eval_cap(imperfect_scores: dict[str, float]) -> None:
     expected = _coco_eval_cap_scores(IMPERFECT, REFERENCES)
     assert set(imperfect_scores) == set(expected) == set(caption_metrics.METRIC_NAMES)
@@ -122,7 +116,6 @@ def test_score_captions_matches_coco_eval_cap(imperfect_scores: dict[str, float]
     assert all(0 < imperfect_scores[name] < 1 for name in ("Bleu_1", "METEOR", "ROUGE_L"))
 
 
-@requires_java
 def test_evaluate_module_matches_score_captions(
     coco_caption_metric: evaluate.EvaluationModule, imperfect_scores: dict[str, float]
 ) -> None:
@@ -133,7 +126,6 @@ def test_evaluate_module_matches_score_captions(
     assert result == pytest.approx(imperfect_scores, rel=1e-12, abs=1e-15)
 
 
-@requires_java
 def test_exact_matches_score_one_after_tokenization(perfect_scores: dict[str, float]) -> None:
     # Each prediction's n-grams all occur in the identical reference, whose length is the closest one, so
     # BLEU's precisions and brevity penalty are 1; ROUGE-L's LCS covers both sentences, so it is 1 too.
@@ -142,7 +134,6 @@ def test_exact_matches_score_one_after_tokenization(perfect_scores: dict[str, fl
     assert perfect_scores["ROUGE_L"] == pytest.approx(1.0, abs=1e-12)
 
 
-@requires_java
 def test_perfect_predictions_beat_wrong_ones_on_cider(
     perfect_scores: dict[str, float], imperfect_scores: dict[str, float]
 ) -> None:
@@ -151,7 +142,6 @@ def test_perfect_predictions_beat_wrong_ones_on_cider(
     assert perfect_scores["METEOR"] > imperfect_scores["METEOR"]
 
 
-@requires_java
 def test_cider_of_a_single_image_is_zero() -> None:
     # CIDEr's IDF is log(#images / document frequency): with one image every reference n-gram gets log(1/1) = 0.
     scores = score_captions({"x": "a man riding a horse"}, {"x": ["a man riding a horse", "a horse on a beach"]})
@@ -181,7 +171,6 @@ def test_missing_java_raises_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
         score_captions({"a": "a dog"}, {"a": ["a dog on a sofa"]})
 
 
-@requires_java
 def test_spice_without_corenlp_raises_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(caption_metrics, "_SPICE_LIB_DIR", str(tmp_path))
     with pytest.raises(SpiceUnavailableError, match="offline"):

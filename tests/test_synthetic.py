@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 import re
 
+import easy_vqa
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from datasets import Dataset, Image, load_dataset
 
 from valign.train.synthetic import (
@@ -24,8 +24,6 @@ from valign.train.synthetic import (
     recap_caption,
     write_parquet,
 )
-
-easy_vqa = pytest.importorskip("easy_vqa")
 
 
 def _pixels(ds: Dataset) -> list[np.ndarray]:

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, shape_image
+from hub_server import loopback_hub
+from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 
 from valign.train.collator import IGNORE_INDEX, ConversationCollator, mask_answer_tokens, sample_generator
 from valign.train.config import StageConfig
-from valign.train.run import ensure_mask_token, run_stage
+from valign.train.run import ensure_mask_token, run_recipe, run_stage
 from valign.train.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
 from valign.train.trainer import module_of, set_trainable
 
@@ -184,3 +186,29 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(checkpoint,
     assert any(not torch.equal(ddp[n], weights(checkpoint)[n]) for n in ddp)
     for name in one:
         torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+hub = loopback_hub  # the fixture, under a short name
+
+
+def test_recipe_pushes_each_stage_to_its_branch_and_the_last_to_main(checkpoint, data_root, tmp_path, hub):
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    common = "learning_rates: {multi_modal_projector: 1.0e-3}\ndata: [{source: captions.parquet}]\n"
+    common += "max_steps: 1\nwarmup_ratio: 0.0\nbatch_size: 4\nprecision: fp32\nlogging_steps: 1\n"
+    (recipe / "stage0.yaml").write_text(f"name: stage-0\nattn_mode: bidirectional\ntext_mask_ratio: 0.2\n{common}")
+    (recipe / "stage1.yaml").write_text(f"name: stage-1\nattn_mode: hybrid\n{common}")
+    results = run_recipe(recipe, checkpoint, tmp_path / "out", data_root, push_to_hub="user/recipe", base_models=[])
+
+    api = HfApi()
+    assert {b.name for b in api.list_repo_refs("user/recipe").branches} == {"main", "stage-0", "stage-1"}
+    for result, mode in zip(results, ["bidirectional", "hybrid"]):
+        pushed = hf_hub_download("user/recipe", "model.safetensors", revision=result.name)
+        assert Path(pushed).read_bytes() == (result.folder / "model.safetensors").read_bytes()
+        config = json.loads(Path(hf_hub_download("user/recipe", "config.json", revision=result.name)).read_text())
+        assert config["attn_mode"] == mode  # each checkpoint carries the policy it was trained with
+        card = Path(hf_hub_download("user/recipe", "README.md", revision=result.name)).read_text()
+        assert result.name in card and "captions.parquet" in card
+    main = hf_hub_download("user/recipe", "model.safetensors", revision="main")
+    assert Path(main).read_bytes() == (results[-1].folder / "model.safetensors").read_bytes()
+    assert (results[0].folder / "model.safetensors").read_bytes() != Path(main).read_bytes()

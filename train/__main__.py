@@ -2,6 +2,7 @@
 
     python -m valign.train                                   the embedded default: the offline CPU demo
     python -m valign.train demo [--output DIR] [--resume]
+    python -m valign.train ablations [--output DIR] [--arms paper causal no-alignment human]
     python -m valign.train recipe train/recipes/paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
         [--data-root DIR] [--resume] [--push-to-hub USER/REPO] [--max-steps N]
@@ -42,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", type=Path, default=Path("outputs/demo"))
     demo.add_argument("--resume", action="store_true", help="keep finished stages, continue an interrupted one")
 
+    ablations = commands.add_parser("ablations", help="the paper's ablations, miniature, on the demo")
+    ablations.add_argument("--output", type=Path, default=Path("outputs/ablations"))
+    ablations.add_argument("--arms", nargs="+", help="a subset of: paper causal no-alignment human")
+
     recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
     recipe.add_argument("recipe", type=Path)
     stage = commands.add_parser("stage", help="run one stage file")
@@ -66,11 +71,17 @@ def main(argv: list[str] | None = None) -> None:
 
         run_demo(getattr(args, "output", Path("outputs/demo")), resume=getattr(args, "resume", False))
         return
-    overrides = {"max_steps": args.max_steps}
+    if args.command == "ablations":
+        from .ablations import run_ablations
+
+        run_ablations(args.output, args.arms)
+        return
+    overrides = {"*": {"max_steps": args.max_steps}}
     if args.command == "stage":
         if args.init is None:
             raise SystemExit("stage needs --init CHECKPOINT (the previous stage's output folder)")
-        run_stage(StageConfig.from_yaml(args.config, **overrides), args.init, args.output, args.data_root, args.resume)
+        config = StageConfig.from_yaml(args.config, **overrides["*"])
+        run_stage(config, args.init, args.output, args.data_root, args.resume)
         return
     init = args.init or assemble_init(args.vision, args.text, args.gguf_file, args.output / "init")
     run_recipe(

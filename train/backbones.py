@@ -50,6 +50,7 @@ def build_tiny_backbones(
     vision_width: int = 32,
     text_width: int = 64,
     layers: int = 2,
+    vision_layers: int | None = None,
     corpus: Iterable[str] = DEFAULT_CORPUS,
     seed: int = 0,
     init_std: float = 0.2,
@@ -65,7 +66,7 @@ def build_tiny_backbones(
     vision_config = SiglipVisionConfig(
         hidden_size=vision_width,
         intermediate_size=2 * vision_width,
-        num_hidden_layers=layers,
+        num_hidden_layers=vision_layers or layers,
         num_attention_heads=4,
         image_size=image_size,
         patch_size=patch_size,

@@ -34,11 +34,16 @@ CAPTION_PROMPT = "Describe the image in detail."
 
 @dataclass
 class DemoSizes:
-    captions: int = 4000
-    vqa_train: int = 8000
+    captions: int = 6000
+    vqa_train: int = 12000
     caption_eval: int = 100
     vqa_test: int = 500
-    image_size: int = 64
+    image_size: int = 64  # rendered scenes; easy-VQA images are 64 px too
+    encoder_image_size: int = 32  # what the tiny vision tower sees
+    patch_size: int = 8  # 16 image tokens per image
+    width: int = 128
+    layers: int = 4
+    vision_layers: int = 2
     caption_style: str = "recap"
 
 
@@ -53,15 +58,16 @@ class DemoResult:
 def make_demo_data(folder: Path, sizes: DemoSizes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     captions = make_caption_dataset(sizes.captions, sizes.caption_style, seed=0, image_size=sizes.image_size)
-    write_parquet(captions, folder / "captions_recap.parquet")
+    write_parquet(captions, folder / "captions.parquet")
     write_parquet(load_easy_vqa("train", sizes.vqa_train), folder / "vqa_train.parquet")
 
 
 def demo_corpus(sizes: DemoSizes) -> list[str]:
-    """The text the demo's tokenizer is trained on: its captions, questions, answers and prompts."""
-    captions = make_caption_dataset(min(sizes.captions, 500), sizes.caption_style, image_size=8)
+    """The text the demo's tokenizer is trained on: captions of both styles, questions, answers and prompts
+    (the same tokenizer whichever caption style an ablation trains on)."""
+    captions = [make_caption_dataset(min(sizes.captions, 500), style, image_size=8) for style in ("recap", "human")]
     vqa = load_easy_vqa("train", sizes.vqa_train)
-    turns = [turn["value"].replace("<image>", "") for c in captions["conversations"] for turn in c]
+    turns = [t["value"].replace("<image>", "") for c in captions for conv in c["conversations"] for t in conv]
     return turns + list(vqa["question"]) + list(vqa["answer"]) + [CAPTION_PROMPT, DEFAULT_VQA_INSTRUCTION]
 
 
@@ -69,7 +75,15 @@ def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
     """A valign checkpoint assembled from tiny random backbones, the starting point of stage 0."""
     torch.manual_seed(0)
     vision, text = build_tiny_backbones(
-        folder / "backbones", text_width=128, vision_width=128, layers=4, init_std=0.02, corpus=demo_corpus(sizes)
+        folder / "backbones",
+        image_size=sizes.encoder_image_size,
+        patch_size=sizes.patch_size,
+        vision_width=sizes.width,
+        text_width=sizes.width,
+        layers=sizes.layers,
+        vision_layers=sizes.vision_layers,
+        init_std=0.02,
+        corpus=demo_corpus(sizes),
     )
     model, processor = ValignForConditionalGeneration.from_backbones(str(vision), str(text))
     model.save_pretrained(folder / "init")
@@ -125,13 +139,22 @@ def report(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
-def run_demo(output: Path, sizes: DemoSizes | None = None, resume: bool = False) -> DemoResult:
+def run_demo(
+    output: Path,
+    sizes: DemoSizes | None = None,
+    resume: bool = False,
+    overrides: dict[str, dict] | None = None,
+    skip: tuple[str, ...] = (),
+) -> DemoResult:
+    """Data, backbones, the demo recipe (`overrides` and `skip` as in `run_recipe`), evaluation and report."""
     sizes = sizes or DemoSizes()
     data = output / "data"
     if not (resume and (data / "vqa_train.parquet").exists()):
         make_demo_data(data, sizes)
     init = output / "init" if resume and (output / "init" / "config.json").exists() else build_demo_init(output, sizes)
-    stages = run_recipe(DEMO_RECIPE, init, output / "stages", data_root=data, resume=resume, base_models=[])
+    stages = run_recipe(
+        DEMO_RECIPE, init, output / "stages", data, resume, base_models=[], overrides=overrides, skip=skip
+    )
     captions, vqa = evaluate_demo(stages[-1].folder, sizes)
     result = DemoResult(stages, captions, vqa, sizes)
     text = report(result)

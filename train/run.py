@@ -185,6 +185,11 @@ def stage_files(recipe: str | Path) -> list[Path]:
     return files
 
 
+def with_overrides(config: StageConfig, overrides: dict[str, dict]) -> StageConfig:
+    values = {**overrides.get("*", {}), **overrides.get(config.name, {})}
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if v is not None})
+
+
 def is_finished(folder: Path) -> bool:
     return (folder / "stage_config.json").exists() and (folder / "config.json").exists()
 
@@ -197,18 +202,22 @@ def run_recipe(
     resume: bool = False,
     push_to_hub: str | None = None,
     base_models: list[str] | None = None,
-    overrides: dict | None = None,
+    overrides: dict[str, dict] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> list[StageResult]:
     """Run every stage of `recipe`, each from the previous one's output; with `resume`, finished stages are kept
     and an interrupted one continues from its last checkpoint. `push_to_hub` pushes stage N to branch `stage-N`
-    and the last stage to `main` as well."""
+    and the last stage to `main` as well.
+
+    `overrides` maps a stage name (or "*", every stage) to field values replacing the file's; stages named in
+    `skip` are left out (for ablations)."""
     from .hub import push_stage, stage_model_card
 
     output_dir = Path(output_dir)
-    files = stage_files(recipe)
+    configs = [StageConfig.from_yaml(path) for path in stage_files(recipe)]
+    configs = [with_overrides(c, overrides or {}) for c in configs if c.name not in skip]
     results, previous = [], Path(init_from)
-    for index, path in enumerate(files):
-        config = StageConfig.from_yaml(path, **(overrides or {}))
+    for index, config in enumerate(configs):
         folder = output_dir / config.name
         if resume and is_finished(folder):
             print(f"{config.name}: already finished in {folder}, kept")
@@ -222,6 +231,6 @@ def run_recipe(
             )
             (folder / "README.md").write_text(card)
             if push_to_hub:
-                push_stage(folder, push_to_hub, branch=config.name, also_main=index == len(files) - 1)
+                push_stage(folder, push_to_hub, branch=config.name, also_main=index == len(configs) - 1)
         previous = folder
     return results
