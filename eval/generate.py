@@ -9,6 +9,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+# The caption instruction the training recipes use (`StageConfig.caption_prompt`): the default for captioning.
+CAPTION_PROMPT = "Describe the image in detail."
+
 
 @dataclass
 class DecodingSettings:
@@ -42,15 +45,17 @@ def generate_answers(
     prompts: Sequence[str],
     settings: DecodingSettings | None = None,
     desc: str = "generating",
+    progress: bool = True,
 ) -> list[str]:
-    """The model's reply to `prompts[i]` about `images[i]`, for every i, with a progress bar."""
+    """The model's reply to `prompts[i]` about `images[i]`, for every i, with a progress bar unless `progress`
+    is False (callers that show their own)."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     settings = settings or DecodingSettings()
     mode = generation_mode(model, settings.attn_mode)
     texts = [chat_prompt(processor, prompt) for prompt in prompts]
     answers: list[str] = []
-    with tqdm(total=len(texts), desc=desc, unit="item") as progress:
+    with tqdm(total=len(texts), desc=desc, unit="item", disable=not progress) as bar:
         for start in range(0, len(texts), settings.batch_size):
             stop = start + settings.batch_size
             batch = processor(images=list(images[start:stop]), text=texts[start:stop]).to(model.device)
@@ -63,5 +68,5 @@ def generate_answers(
             )
             new_tokens = tokens[:, batch["input_ids"].shape[1] :]
             answers += [a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True)]
-            progress.update(len(new_tokens))
+            bar.update(len(new_tokens))
     return answers

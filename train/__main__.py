@@ -20,6 +20,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from ..modeling_valign import ValignForConditionalGeneration
+from .card import write_model_card
 from .config import StageConfig
 from .run import run_recipe, run_stage
 
@@ -31,6 +32,7 @@ def assemble_init(vision: str, text: str, gguf_file: str | None, folder: Path) -
         model, processor = ValignForConditionalGeneration.from_backbones(vision, text, gguf_file=gguf_file)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
+        write_model_card(folder, base_models=[vision, text], summary="Assembled from its backbones; not trained yet.")
     state.wait_for_everyone()
     return folder
 
@@ -82,6 +84,8 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("stage needs --init CHECKPOINT (the previous stage's output folder)")
         config = StageConfig.from_yaml(args.config, **overrides["*"])
         run_stage(config, args.init, args.output, args.data_root, args.resume)
+        if PartialState().is_main_process:
+            write_model_card(args.output)  # the stage, its configuration and data come from its stage record
         return
     init = args.init or assemble_init(args.vision, args.text, args.gguf_file, args.output / "init")
     run_recipe(

@@ -10,27 +10,16 @@ from __future__ import annotations
 import glob
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-import yaml
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi
+
+from .card import model_card
 
 logger = logging.getLogger(__name__)
-
-PAPER_URL = "https://arxiv.org/abs/2503.19508"
-PAPER_TITLE = "Improved Alignment of Modalities in Large Vision Language Models"
-CITATION = """@misc{improvedalignment2025,
-  title         = {Improved Alignment of Modalities in Large Vision Language Models},
-  year          = {2025},
-  eprint        = {2503.19508},
-  archivePrefix = {arXiv},
-  primaryClass  = {cs.CV},
-  url           = {https://arxiv.org/abs/2503.19508}
-}"""
-DEFAULT_REPO_ID = "your-username/valign"  # placeholder in the usage snippet when the caller names no repo
 
 # Top-level files that make up a published stage. Everything else in an output folder (checkpoint-*/ subfolders,
 # optimizer and scheduler states, trainer_state.json, training_args.bin, logs) stays local. Top-level *.py files
@@ -71,75 +60,22 @@ def stage_model_card(
     metrics: Mapping[str, Any] | None = None,
     *,
     repo_id: str | None = None,
+    eval_results: Sequence[EvalResult] = (),
 ) -> str:
-    """README.md for one stage's checkpoint: Hub metadata, then data, configuration, usage and citation.
+    """README.md for one stage's checkpoint (see `card.model_card`); its usage pins the stage's branch.
 
-    `repo_id` only fills the usage snippet (a placeholder when None).
+    `repo_id` only fills the usage snippets (a placeholder when None).
     """
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        base_model=list(base_models) or None,  # None: omitted rather than an empty list
-        datasets=list(datasets) or None,
-        license="apache-2.0",
-        tags=["valign", "vision-language", stage],
+    return model_card(
+        repo_id=repo_id,
+        revision=stage,
+        stage=stage,
+        config=config,
+        base_models=base_models,
+        datasets=datasets,
+        metrics=metrics,
+        eval_results=eval_results,
     )
-    sections = [
-        _intro(stage, base_models),
-        _data_section(datasets),
-        _config_section(config),
-        _metrics_section(metrics) if metrics else "",
-        _usage_section(repo_id or DEFAULT_REPO_ID, stage),
-        f"## Citation\n\n```bibtex\n{CITATION}\n```\n",
-    ]
-    body = "\n".join(section for section in sections if section)
-    # Parsing the assembled text through ModelCard checks that the metadata block is valid YAML.
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
-
-
-def _intro(stage: str, base_models: list[str]) -> str:
-    bases = ", ".join(f"`{name}`" for name in base_models) or "none recorded"
-    return (
-        f"# valign — {stage}\n\n"
-        f"Checkpoint at the end of training stage **{stage}** of valign, an implementation of "
-        f"[{PAPER_TITLE}]({PAPER_URL}): a vision encoder, a 2-layer MLP projector and a decoder-only language "
-        f"model. Base models: {bases}.\n"
-    )
-
-
-def _data_section(datasets: list[str]) -> str:
-    items = "\n".join(f"- `{name}`" for name in datasets) or "- none recorded"
-    return f"## Training data\n\n{items}\n"
-
-
-def _config_section(config: Mapping[str, Any]) -> str:
-    # The JSON round trip turns paths, tuples and other non-YAML types into plain values first.
-    plain = json.loads(json.dumps(dict(config), default=str))
-    return f"## Configuration\n\n```yaml\n{yaml.safe_dump(plain, sort_keys=False).rstrip()}\n```\n"
-
-
-def _metrics_section(metrics: Mapping[str, Any]) -> str:
-    rows = "\n".join(f"| {name} | {value} |" for name, value in metrics.items())
-    return f"## Evaluation\n\n| metric | value |\n|---|---|\n{rows}\n"
-
-
-def _usage_section(repo_id: str, stage: str) -> str:
-    return f"""## Usage
-
-The model is remote code: load it with `trust_remote_code=True`, and pin this stage with `revision="{stage}"`.
-
-```python
-import transformers
-from transformers import AutoProcessor
-
-repo, revision = "{repo_id}", "{stage}"
-# transformers 5.x
-model = transformers.AutoModelForImageTextToText.from_pretrained(repo, revision=revision, trust_remote_code=True)
-# transformers 4.x
-model = transformers.AutoModelForVision2Seq.from_pretrained(repo, revision=revision, trust_remote_code=True)
-processor = AutoProcessor.from_pretrained(repo, revision=revision, trust_remote_code=True)
-```
-"""
 
 
 # ---------------------------------------------------------------------------------------------------------------

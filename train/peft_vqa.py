@@ -27,11 +27,12 @@ from typing import Any
 import datasets
 import torch
 import transformers
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoProcessor, Trainer, TrainingArguments
 
 from ..eval.vqa import evaluate_vqa
+from .card import Benchmark, eval_results_from_json, model_card
 from .collator import ConversationCollator
 from .data import DEFAULT_VQA_INSTRUCTION, adapt, decode_image, load_rows
 from .hub import STAGE_FILE_PATTERNS, push_stage, stage_files
@@ -205,26 +206,27 @@ def save_merged(model: PeftModel, processor, folder: str | Path, card: str | Non
     return folder
 
 
-def merged_model_card(base_model: str, dataset: str, settings: dict[str, Any]) -> str:
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-text-to-text",
-        base_model=base_model,
+def merged_model_card(
+    base_model: str,
+    dataset: str,
+    settings: dict[str, Any],
+    eval_results: Sequence[EvalResult] = (),
+    repo_id: str | None = None,
+) -> str:
+    return model_card(
+        repo_id=repo_id,
+        title=f"valign + LoRA on {dataset} (merged)",
+        summary=(
+            f"`{base_model}` fine-tuned with LoRA on the language model's projections and a fully trained projector "
+            "(`python -m valign.train.peft_vqa`), then merged into the weights."
+        ),
+        stage="lora-vqa",
+        config=settings,
+        base_models=[base_model],
         datasets=[dataset],
-        license="apache-2.0",
-        tags=["valign", "vision-language", "lora", "vqa"],
+        eval_results=eval_results,
+        tags=["lora", "vqa"],
     )
-    body = (
-        f"# valign + LoRA on `{dataset}` (merged)\n\n"
-        f"`{base_model}` fine-tuned with LoRA on the language model's projections and a fully trained projector "
-        "(`python -m valign.train.peft_vqa`), then merged into the weights.\n\n"
-        f"## Settings\n\n```json\n{json.dumps(settings, indent=2, default=str)}\n```\n\n"
-        "## Usage\n\n```python\nimport transformers\n\n"
-        "auto = getattr(transformers, 'AutoModelForVision2Seq', None) or transformers.AutoModelForImageTextToText\n"
-        'model = auto.from_pretrained("REPO", trust_remote_code=True)\n'
-        'processor = transformers.AutoProcessor.from_pretrained("REPO", trust_remote_code=True)\n```\n'
-    )
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def adapter_files(folder: Path) -> list[str]:
@@ -328,16 +330,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     save_adapter(model, processor, args.output)
     print(f"adapter saved to {args.output}")
 
+    eval_results = []
     if args.eval_split:
         model.eval()
         scores = evaluate_rows(model, processor, vqa_rows(args.data, args.eval_split, args.eval_limit), rows)
         scores.pop("predictions")
         (args.output / "vqa_scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         print(json.dumps({k: v["accuracy"] for k, v in scores.items()}))
+        eval_results = eval_results_from_json({"vqa": scores}, vqa=Benchmark(args.data, args.data, args.eval_split))
 
     if args.merge:
         run = {**asdict(settings), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "split": args.split}
-        card = merged_model_card(args.model, args.data, run)
+        card = merged_model_card(args.model, args.data, run, eval_results, repo_id=args.push_to_hub)
         merged = save_merged(model, processor, args.output / "merged", card)
         print(f"merged checkpoint saved to {merged}")
     if args.push_to_hub:

@@ -103,7 +103,7 @@ def plot_training_log(log_path: str | Path, png_path: str | Path, title: str) ->
     loss_axis.set(title=f"{title}: training loss", xlabel="step", ylabel="loss")
     for module in records[0].get("learning_rates", {}):
         lr_axis.plot(steps, [r["learning_rates"][module] for r in records], label=module)
-    lr_axis.set(title="learning rate", xlabel="step", yscale="log")
+    lr_axis.set(title="learning rate", xlabel="step")
     lr_axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(png_path, dpi=100)

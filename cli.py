@@ -1,0 +1,151 @@
+"""The `valign` command: caption images or ask a question about one, with a local or Hub checkpoint.
+
+    valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
+    valign ask IMAGE "QUESTION" [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
+
+Without `--model`, the offline demo's final checkpoint (`outputs/demo/stages/stage-3`, made by
+`python -m valign.train`) is used. Plain output is one `PATH: TEXT` line per image (`ask`: the answer alone);
+`--json` prints one JSON object per image instead: `{"path", "text"}` or `{"path", "error"}`. An unreadable
+image is reported and skipped while the others are processed; the exit status is then 1.
+
+It lives at the package root (`valign.cli`) next to the model files because it is a user-facing front end of the
+model, not an evaluation or training tool; `app.py` shares its model loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm.auto import tqdm
+
+from .eval.generate import CAPTION_PROMPT, DecodingSettings, generate_answers
+from .processing_valign import load_image
+
+DEMO_CHECKPOINT = Path("outputs") / "demo" / "stages" / "stage-3"
+EXIT_IMAGE_ERRORS = 1
+EXIT_USAGE = 2  # argparse's status for bad arguments; also a missing or unloadable model
+
+
+@dataclass
+class Result:
+    path: str
+    text: str | None = None
+    error: str | None = None
+
+    def to_json(self) -> str:
+        fields = {"path": self.path, **({"error": self.error} if self.error is not None else {"text": self.text})}
+        return json.dumps(fields, ensure_ascii=False)
+
+
+def default_model() -> Path:
+    """The demo's final checkpoint, looked up in the working directory, then in the source tree (editable
+    installs, where the package root is the repository root). Raises FileNotFoundError saying how to make one."""
+    for base in (Path.cwd(), Path(__file__).resolve().parent):
+        if (base / DEMO_CHECKPOINT / "config.json").is_file():
+            return base / DEMO_CHECKPOINT
+    raise FileNotFoundError(
+        f"no --model given and no demo checkpoint at {DEMO_CHECKPOINT}: train one with `python -m valign.train` "
+        "(the offline demo, about 10 minutes on a CPU), or pass --model with a checkpoint folder or a Hub repo id"
+    )
+
+
+def load_model(name: str | Path, revision: str | None = None):
+    """Model (eval mode, on the GPU when there is one) and processor of a valign checkpoint folder or Hub repo.
+
+    The model is built with the installed valign classes, so it runs the code of the valign you call. The
+    processor's tokenizer and image processor loaders need `trust_remote_code`: the checkpoint's configs name
+    its remote-code classes, and without it transformers asks interactively.
+    """
+    from . import ValignForConditionalGeneration, ValignProcessor
+
+    model = ValignForConditionalGeneration.from_pretrained(name, revision=revision).eval()
+    processor = ValignProcessor.from_pretrained(name, revision=revision, trust_remote_code=True)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), processor
+
+
+def run(
+    model, processor, paths: Sequence[str], prompt: str, settings: DecodingSettings, progress: bool
+) -> Iterator[Result]:
+    """One Result per path, in order, a batch at a time (results appear as they are made; memory stays bounded)."""
+    with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, len(paths), settings.batch_size):
+            chunk = paths[start : start + settings.batch_size]
+            results = [Result(path) for path in chunk]
+            readable: list[tuple[Result, Any]] = []
+            for result in results:
+                try:
+                    readable.append((result, load_image(result.path)))
+                except ValueError as error:  # load_image's message names the file and the reason
+                    result.error = str(error)
+            if readable:
+                images = [image for _, image in readable]
+                texts = generate_answers(model, processor, images, [prompt] * len(images), settings, progress=False)
+                for (result, _), text in zip(readable, texts):
+                    result.text = text
+            yield from results
+            bar.update(len(chunk))
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="valign", description=__doc__.split("\n")[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    caption = commands.add_parser("caption", help="describe each image")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("--prompt", default=CAPTION_PROMPT, help="the instruction sent with each image")
+    ask = commands.add_parser("ask", help="answer a question about one image")
+    ask.add_argument("image", metavar="IMAGE")
+    ask.add_argument("question")
+    for command in (caption, ask):
+        command.add_argument("--model", help=f"checkpoint folder or Hub repo id (default: {DEMO_CHECKPOINT})")
+        command.add_argument("--revision", help="Hub branch, tag or commit")
+        command.add_argument("--batch-size", type=int, default=8)
+        command.add_argument("--max-new-tokens", type=int, default=40)
+        command.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    return root
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        print("valign: error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    paths, prompt = (args.images, args.prompt) if args.command == "caption" else ([args.image], args.question)
+    # Loading notices and the weight-loading bar would bury the answers; errors still raise.
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    try:
+        name = args.model or default_model()
+        model, processor = load_model(name, args.revision)
+    except FileNotFoundError as error:  # no --model and no demo checkpoint
+        print(f"valign: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, ValueError) as error:  # missing folder, unknown repo, not a valign checkpoint
+        print(f"valign: error: cannot load the model {name}: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    failed = 0
+    # The bar only helps with many images; it goes to stderr, so stdout stays parseable.
+    for result in run(model, processor, paths, prompt, settings, progress=len(paths) > args.batch_size):
+        failed += result.error is not None
+        if args.json:
+            print(result.to_json(), flush=True)
+        elif result.error is not None:
+            print(f"valign: error: {result.error}", file=sys.stderr, flush=True)
+        else:
+            print(result.text if args.command == "ask" else f"{result.path}: {result.text}", flush=True)
+    if failed:
+        print(f"valign: {failed} of {len(paths)} images failed", file=sys.stderr)
+    return EXIT_IMAGE_ERRORS if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""valign's evaluation command line: captioning (COCO Karpathy test, Flickr30k test) and VQA (PathVQA, easy-VQA).
+
+    python -m valign.eval captions --model REPO_OR_DIR [--dataset coco|flickr30k|SOURCE] [--limit N] [--num-beams 3]
+    python -m valign.eval vqa --model REPO_OR_DIR [--dataset path-vqa|easy-vqa|SOURCE] [--limit N]
+
+SOURCE is a Hub dataset id or a local parquet/JSON file in the same schema (captions: `image` + `caption`/
+`captions`/`sentences`; VQA: `image`, `question`, `answer`). Results go to a JSON file (scores, per-item outputs,
+model revision, decoding settings, time, items/s) and a markdown table beside the paper's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import transformers
+
+from ..train.data import caption_references, decode_image, load_rows
+from .captions import evaluate_captions
+from .generate import DecodingSettings
+from .vqa import evaluate_vqa
+from .vqa_metrics import is_closed_question
+
+AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
+# Karpathy test splits as image + list-of-5-captions tables.
+CAPTION_SETS = {
+    "coco": "nlphuji/mscoco_2014_5k_test_image_text_retrieval",
+    "flickr30k": "nlphuji/flickr_1k_test_image_text_retrieval",
+}
+VQA_SETS = {"path-vqa": "flaviagiammarino/path-vqa"}
+PAPER_CIDER = {"coco": 127.1, "flickr30k": 80.5}  # arXiv 2503.19508, CIDEr ×100
+CAPTION_PROMPT = "Write a short caption for this image."
+
+
+def load_model(name: str, revision: str | None):
+    model = AUTO_MODEL.from_pretrained(name, revision=revision, trust_remote_code=True).eval()
+    processor = transformers.AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=True)
+    return model, processor
+
+
+def model_revision(model, requested: str | None) -> str | None:
+    """The commit a Hub model was loaded from (local folders have none)."""
+    return getattr(model.config, "_commit_hash", None) or requested
+
+
+def caption_rows(source: str, split: str, limit: int | None) -> tuple[list, list[list[str]], list[str]]:
+    rows = load_rows(source, split)
+    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+    images, references, ids = [], [], []
+    for index, row in enumerate(rows):
+        images.append(decode_image(row["image"]))
+        references.append(caption_references(row))
+        ids.append(str(row.get("image_id", row.get("id", index))))
+    return images, references, ids
+
+
+def vqa_rows(source: str, split: str, limit: int | None) -> dict[str, list]:
+    if source == "easy-vqa":
+        from ..train.synthetic import load_easy_vqa
+
+        rows = load_easy_vqa("test" if split != "train" else "train", limit)
+    else:
+        rows = load_rows(source, split)
+        rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+    answers = list(rows["answer"])
+    types = list(rows["question_type"]) if "question_type" in rows.column_names else None
+    return {
+        "images": [decode_image(image) for image in rows["image"]],
+        "questions": list(rows["question"]),
+        "answers": answers,
+        "types": types or ["closed" if is_closed_question(a) else "open" for a in answers],
+    }
+
+
+def vqa_text(source: str, split: str) -> tuple[list[str], list[str]]:
+    """Questions and answers of a split, for the answer-prior baseline (no image is decoded)."""
+    if source == "easy-vqa":
+        from ..train.synthetic import load_easy_vqa
+
+        rows = load_easy_vqa(split)
+    else:
+        rows = load_rows(source, split)
+    return list(rows["question"]), list(rows["answer"])
+
+
+def caption_table(dataset: str, scores: dict[str, float]) -> str:
+    paper = PAPER_CIDER.get(dataset)
+    lines = ["| metric | valign (this run) | paper |", "|---|---|---|"]
+    for name, value in scores.items():
+        reference = f"{paper:.1f}" if name == "CIDEr" and paper is not None else "–"
+        lines.append(f"| {name} | {100 * value:.1f} | {reference} |")
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, Any], table: str, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    output.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"results: {output} and {output.with_suffix('.md')}")
+
+
+def run_captions(args: argparse.Namespace) -> None:
+    model, processor = load_model(args.model, args.revision)
+    source = CAPTION_SETS.get(args.dataset, args.dataset)
+    images, references, ids = caption_rows(source, args.split, args.limit)
+    settings = DecodingSettings(args.max_new_tokens, args.num_beams, args.batch_size)
+    results = evaluate_captions(model, processor, images, references, ids, args.prompt, settings)
+    results |= {"checkpoint": args.model, "revision": model_revision(model, args.revision), "dataset": source}
+    write_results(results, caption_table(args.dataset, results["scores"]), args.output)
+
+
+def vqa_table(results: dict[str, Any]) -> str:
+    arms = {"valign": "model", "answer prior (blind)": "answer_prior", "mismatched images (blind)": "mismatched_images"}
+    lines = ["| | accuracy ± s.e. | closed | open exact match | open F1 |", "|---|---|---|---|---|"]
+    for label, key in arms.items():
+        if key in results:
+            s = results[key]
+            cells = [s["closed_accuracy"], s["open_exact_match"], s["open_f1"]]
+            cells = " | ".join("–" if v is None else f"{100 * v:.1f}" for v in cells)
+            lines.append(f"| {label} | {100 * s['accuracy']:.1f} ± {100 * s['accuracy_stderr']:.1f} | {cells} |")
+    return "\n".join(lines)
+
+
+def run_vqa(args: argparse.Namespace) -> None:
+    model, processor = load_model(args.model, args.revision)
+    source = VQA_SETS.get(args.dataset, args.dataset)
+    rows, train = vqa_rows(source, args.split, args.limit), vqa_text(source, "train")
+    settings = DecodingSettings(args.max_new_tokens, args.num_beams, args.batch_size)
+    results = evaluate_vqa(
+        model, processor, rows["images"], rows["questions"], rows["answers"], rows["types"], *train, settings
+    )
+    results |= {"decoding": settings.to_dict(), "dataset": source, "checkpoint": args.model}
+    results["revision"] = model_revision(model, args.revision)
+    write_results(results, vqa_table(results), args.output)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="python -m valign.eval", description=__doc__.split("\n")[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    for name, default in (("captions", "coco"), ("vqa", "path-vqa")):
+        command = commands.add_parser(name)
+        command.add_argument("--model", required=True)
+        command.add_argument("--revision")
+        command.add_argument("--dataset", default=default)
+        command.add_argument("--split", default="test")
+        command.add_argument("--limit", type=int)
+        command.add_argument("--batch-size", type=int, default=16)
+        command.add_argument("--num-beams", type=int, default=1)
+        command.add_argument("--max-new-tokens", type=int, default=40 if name == "captions" else 16)
+        command.add_argument("--output", type=Path, default=Path(f"outputs/eval/{name}.json"))
+        if name == "captions":
+            command.add_argument("--prompt", default=CAPTION_PROMPT)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    {"captions": run_captions, "vqa": run_vqa}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()
