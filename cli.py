@@ -123,10 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     try:
         name = args.model or default_model()
-        model, processor = load_model(name, args.revision)
-    except FileNotFoundError as error:  # no --model and no demo checkpoint
+    except FileNotFoundError as error:  # no --model and no demo checkpoint: the message says how to get one
         print(f"valign: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    try:
+        model, processor = load_model(name, args.revision)
     except (OSError, ValueError) as error:  # missing folder, unknown repo, not a valign checkpoint
         print(f"valign: error: cannot load the model {name}: {error}", file=sys.stderr)
         return EXIT_USAGE

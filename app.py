@@ -1,0 +1,112 @@
+"""valign's demo app (Gradio): caption an image, or ask a question about it.
+
+    python app.py [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860]
+
+As a Hugging Face Space (README metadata `sdk: gradio`, `app_file: app.py`; valign in requirements.txt), set the
+Space variable `VALIGN_MODEL` to a Hub repo id; Spaces set `GRADIO_SERVER_NAME`/`GRADIO_SERVER_PORT`, which
+gradio reads when `--host`/`--port` are not given. Without a model the app takes the offline demo's last
+checkpoint (`outputs/demo/stages/stage-3`, from `python -m valign.train`) if it exists, else builds a tiny random
+checkpoint offline (`outputs/app/tiny`) so that it starts anywhere; that one's answers are noise.
+
+The app sends nothing anywhere: analytics are off and no share link is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from valign.cli import default_model, load_model
+from valign.eval.generate import CAPTION_PROMPT, DecodingSettings, generate_answers
+from valign.processing_valign import load_image
+
+# gradio reads this whenever it would send usage analytics or check PyPI for a newer version: never, here.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+TINY_CHECKPOINT = Path("outputs") / "app" / "tiny"
+
+
+def tiny_checkpoint(folder: Path = TINY_CHECKPOINT) -> Path:
+    """A valign checkpoint from tiny random backbones, built offline once (a few seconds) and reused."""
+    if (folder / "config.json").is_file():
+        return folder
+    from valign import ValignForConditionalGeneration
+    from valign.train.backbones import build_tiny_backbones
+
+    # Built beside the target and renamed at the end, so an interrupted build is never taken for a checkpoint.
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    torch.manual_seed(0)
+    vision, text = build_tiny_backbones(partial / "backbones")
+    model, processor = ValignForConditionalGeneration.from_backbones(str(vision), str(text))
+    model.save_pretrained(partial)
+    processor.save_pretrained(partial)
+    partial.rename(folder)
+    return folder
+
+
+def resolve_model(name: str | None) -> str | Path:
+    if name:
+        return name
+    try:
+        return default_model()
+    except FileNotFoundError:
+        return tiny_checkpoint()
+
+
+def build_app(model, processor, settings: DecodingSettings) -> gr.Blocks:
+    def answer(image_path: str | None, question: str) -> str:
+        if image_path is None:
+            raise gr.Error("Upload an image first.")
+        try:
+            image = load_image(image_path)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        prompt = question.strip() or CAPTION_PROMPT
+        return generate_answers(model, processor, [image], [prompt], settings, progress=False)[0]
+
+    with gr.Blocks(title="valign", analytics_enabled=False) as app:
+        gr.Markdown(
+            "# valign\nCaption an image, or ask a question about it: leave the question empty for a caption. "
+            "Model: [arXiv 2503.19508](https://arxiv.org/abs/2503.19508)-style SigLIP → MLP → Qwen2.5 with "
+            "hybrid image attention."
+        )
+        with gr.Row():
+            # filepath + image_mode=None: gradio hands over the uploaded file untouched (no re-encoding), and
+            # load_image converts it exactly as the `valign` command does.
+            image = gr.Image(type="filepath", image_mode=None, label="Image", height=320, elem_id="image")
+            with gr.Column():
+                question = gr.Textbox(label="Question", placeholder="Empty: describe the image", elem_id="question")
+                run = gr.Button("Run", variant="primary", elem_id="run")
+                output = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+        run.click(answer, [image, question], output)
+        question.submit(answer, [image, question], output)
+    return app
+
+
+def parser() -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_argument("--model", default=os.environ.get("VALIGN_MODEL"), help="checkpoint folder or Hub repo id")
+    cli.add_argument("--revision", help="Hub branch, tag or commit")
+    cli.add_argument("--host", help="address to listen on (default: gradio's, 127.0.0.1)")
+    cli.add_argument("--port", type=int, help="port (default: gradio's, 7860)")
+    cli.add_argument("--max-new-tokens", type=int, default=40)
+    return cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    name = resolve_model(args.model)
+    model, processor = load_model(name, args.revision)
+    print(f"valign app: model {name}", flush=True)
+    app = build_app(model, processor, DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=1))
+    app.launch(server_name=args.host, server_port=args.port, share=False)
+
+
+if __name__ == "__main__":
+    main()
