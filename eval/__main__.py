@@ -46,10 +46,8 @@ def model_revision(model, requested: str | None) -> str | None:
 
 
 def caption_rows(source: str, split: str, limit: int | None) -> tuple[list, list[list[str]], list[str]]:
-    rows = load_rows(source, split)
-    rows = rows.select(range(min(limit, len(rows)))) if limit else rows
     images, references, ids = [], [], []
-    for index, row in enumerate(rows):
+    for index, row in enumerate(load_rows(source, split, limit=limit)):
         images.append(decode_image(row["image"]))
         references.append(caption_references(row))
         ids.append(str(row.get("image_id", row.get("id", index))))
@@ -57,13 +55,7 @@ def caption_rows(source: str, split: str, limit: int | None) -> tuple[list, list
 
 
 def vqa_rows(source: str, split: str, limit: int | None) -> dict[str, list]:
-    if source == "easy-vqa":
-        from ..train.synthetic import load_easy_vqa
-
-        rows = load_easy_vqa("test" if split != "train" else "train", limit)
-    else:
-        rows = load_rows(source, split)
-        rows = rows.select(range(min(limit, len(rows)))) if limit else rows
+    rows = load_rows(source, split, limit=limit)
     answers = list(rows["answer"])
     types = list(rows["question_type"]) if "question_type" in rows.column_names else None
     return {
@@ -76,12 +68,7 @@ def vqa_rows(source: str, split: str, limit: int | None) -> dict[str, list]:
 
 def vqa_text(source: str, split: str) -> tuple[list[str], list[str]]:
     """Questions and answers of a split, for the answer-prior baseline (no image is decoded)."""
-    if source == "easy-vqa":
-        from ..train.synthetic import load_easy_vqa
-
-        rows = load_easy_vqa(split)
-    else:
-        rows = load_rows(source, split)
+    rows = load_rows(source, split)
     return list(rows["question"]), list(rows["answer"])
 
 

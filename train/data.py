@@ -43,6 +43,7 @@ Schema = Literal["llava", "caption", "vqa"]
 Rows = datasets.Dataset | datasets.IterableDataset
 
 IMAGE_TAG = "<image>"
+EASY_VQA = "easy-vqa"  # a source name: the easy-VQA package's questions, offline
 DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
 DEFAULT_VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
 DATA_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
@@ -71,15 +72,28 @@ class Sample(TypedDict):
 # --------------------------------------------------------------------------- loading
 
 
-def load_rows(source: str | os.PathLike, split: str = "train", streaming: bool = False, **kwargs: Any) -> Rows:
-    """Rows of `split` from a local file or folder (parquet, JSON, JSONL, or a `save_to_disk` folder), else a Hub id.
+def load_rows(
+    source: str | os.PathLike, split: str = "train", streaming: bool = False, limit: int | None = None, **kwargs: Any
+) -> Rows:
+    """Rows of `split` (the first `limit` of them, if given) from a local file or folder (parquet, JSON, JSONL, or a
+    `save_to_disk` folder), from easy-VQA for `source == "easy-vqa"` (offline, PathVQA schema), else a Hub id.
 
     A folder's files are assigned to splits by name as on the Hub (``train-*.parquet``, ``data/test.jsonl``; one
     split "train" when no name says otherwise). `kwargs` go to ``datasets.load_dataset``.
     """
-    path = Path(source).expanduser()
+    if source == EASY_VQA:
+        from .synthetic import load_easy_vqa
+
+        return load_easy_vqa("train" if split == "train" else "test", limit)
+    rows = _load(Path(source).expanduser(), str(source), split, streaming, **kwargs)
+    if limit is None:
+        return rows
+    return rows.take(limit) if streaming else rows.select(range(min(limit, len(rows))))
+
+
+def _load(path: Path, source: str, split: str, streaming: bool, **kwargs: Any) -> Rows:
     if not path.exists():
-        return datasets.load_dataset(str(source), split=split, streaming=streaming, **kwargs)
+        return datasets.load_dataset(source, split=split, streaming=streaming, **kwargs)
     if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
         return _load_saved(path, split, streaming)
     builder, files = _local_data_files(path, split)
@@ -551,10 +565,7 @@ def build_dataset(
     path = Path(source).expanduser()
     if path.exists() and adapt_kwargs.get("image_root") is None:
         adapt_kwargs["image_root"] = path if path.is_dir() else path.parent
-    rows = load_rows(source, split, streaming, **(load_kwargs or {}))
-    if limit is not None:
-        rows = rows.take(limit) if streaming else rows.select(range(min(limit, len(rows))))
-    return adapt(rows, **adapt_kwargs)
+    return adapt(load_rows(source, split, streaming, limit, **(load_kwargs or {})), **adapt_kwargs)
 
 
 class SkipReportCallback(TrainerCallback):

@@ -34,7 +34,7 @@ from transformers import AutoProcessor, PreTrainedModel, Trainer, TrainingArgume
 from ..eval.vqa import evaluate_vqa
 from .card import Benchmark, eval_results_from_json, model_card
 from .collator import ConversationCollator
-from .data import DEFAULT_VQA_INSTRUCTION, adapt, decode_image, load_rows
+from .data import DEFAULT_VQA_INSTRUCTION, EASY_VQA, adapt, decode_image, load_rows
 from .hub import STAGE_FILE_PATTERNS, push_stage, stage_files
 from .run import checkpointing_arguments, warmup_argument
 
@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 # transformers 5 removed AutoModelForVision2Seq; valign's config maps both names, so either major loads it.
 AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
 DEFAULT_DATA = "flaviagiammarino/path-vqa"
-EASY_VQA = "easy-vqa"  # offline stand-in with the same columns
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 ADAPTER_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -106,12 +105,7 @@ def lora_module_names(model: torch.nn.Module) -> list[str]:
 
 def vqa_rows(source: str, split: str = "train", limit: int | None = None) -> datasets.Dataset:
     """Rows of a PathVQA-schema data set (Hub id or local file), or of easy-VQA for `source == "easy-vqa"`."""
-    if source == EASY_VQA:
-        from .synthetic import load_easy_vqa
-
-        return load_easy_vqa(split, limit)
-    rows = load_rows(source, split)
-    return rows.select(range(min(limit, len(rows)))) if limit is not None else rows
+    return load_rows(source, split, limit=limit)
 
 
 def vqa_training_set(rows: datasets.Dataset, instruction: str = DEFAULT_VQA_INSTRUCTION):
