@@ -15,15 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-import transformers
-
 from ..train.data import caption_references, decode_image, load_rows
 from .captions import evaluate_captions
-from .generate import DecodingSettings
+from .generate import DecodingSettings, load_checkpoint
 from .vqa import evaluate_vqa
 from .vqa_metrics import is_closed_question
 
-AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
 # Karpathy test splits as image + list-of-5-captions tables.
 CAPTION_SETS = {
     "coco": "nlphuji/mscoco_2014_5k_test_image_text_retrieval",
@@ -32,12 +29,6 @@ CAPTION_SETS = {
 VQA_SETS = {"path-vqa": "flaviagiammarino/path-vqa"}
 PAPER_CIDER = {"coco": 127.1, "flickr30k": 80.5}  # arXiv 2503.19508, CIDEr ×100
 CAPTION_PROMPT = "Write a short caption for this image."
-
-
-def load_model(name: str, revision: str | None):
-    model = AUTO_MODEL.from_pretrained(name, revision=revision, trust_remote_code=True).eval()
-    processor = transformers.AutoProcessor.from_pretrained(name, revision=revision, trust_remote_code=True)
-    return model, processor
 
 
 def model_revision(model, requested: str | None) -> str | None:
@@ -90,7 +81,8 @@ def write_results(results: dict[str, Any], table: str, output: Path) -> None:
 
 
 def run_captions(args: argparse.Namespace) -> None:
-    model, processor = load_model(args.model, args.revision)
+    model, processor = load_checkpoint(args.model, args.revision)
+    model.eval()
     source = CAPTION_SETS.get(args.dataset, args.dataset)
     images, references, ids = caption_rows(source, args.split, args.limit)
     settings = DecodingSettings(args.max_new_tokens, args.num_beams, args.batch_size)
@@ -112,7 +104,8 @@ def vqa_table(results: dict[str, Any]) -> str:
 
 
 def run_vqa(args: argparse.Namespace) -> None:
-    model, processor = load_model(args.model, args.revision)
+    model, processor = load_checkpoint(args.model, args.revision)
+    model.eval()
     source = VQA_SETS.get(args.dataset, args.dataset)
     rows, train = vqa_rows(source, args.split, args.limit), vqa_text(source, "train")
     settings = DecodingSettings(args.max_new_tokens, args.num_beams, args.batch_size)

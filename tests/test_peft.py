@@ -19,7 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from scripts.crossload import fixed_batch
 
-from valign.eval.generate import DecodingSettings, generate_answers
+from valign.eval.generate import DecodingSettings, generate_answers, load_checkpoint
 from valign.eval.vqa import answer_prior, prior_predictions
 from valign.eval.vqa_metrics import score_vqa
 from valign.train.collator import ConversationCollator
@@ -30,7 +30,6 @@ from valign.train.peft_vqa import (
     FinetuneSettings,
     add_lora,
     finetune,
-    load_base,
     lora_config,
     lora_module_names,
     push_folder,
@@ -79,7 +78,7 @@ def one_thread():
 
 def fresh_lora(checkpoint: Path, config: LoraConfig | None = None, seed: int = 0):
     torch.manual_seed(seed)  # LoRA A matrices are drawn at random
-    model, processor = load_base(str(checkpoint))
+    model, processor = load_checkpoint(str(checkpoint))
     return add_lora(model, config or lora_config(r=4, alpha=8, dropout=0.0)), processor
 
 
@@ -96,7 +95,7 @@ def base_name(peft_name: str) -> str:
 
 
 def test_lora_adapts_every_language_model_attention_projection_and_nothing_in_the_vision_tower(checkpoint):
-    base, _ = load_base(str(checkpoint))
+    base, _ = load_checkpoint(str(checkpoint))
     linears = [name for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)]
     model = add_lora(base, lora_config(r=4, alpha=8))
     adapted = {base_name(name) for name in lora_module_names(model)}
@@ -111,7 +110,7 @@ def test_lora_adapts_every_language_model_attention_projection_and_nothing_in_th
 
     # Why the regex: PEFT's plain name list matches SigLIP's attention as well.
     torch.manual_seed(0)
-    plain = get_peft_model(load_base(str(checkpoint))[0], LoraConfig(target_modules=list(ATTENTION_PROJECTIONS)))
+    plain = get_peft_model(load_checkpoint(str(checkpoint))[0], LoraConfig(target_modules=list(ATTENTION_PROJECTIONS)))
     assert any(".vision_tower." in name for name in lora_module_names(plain))
 
 
@@ -205,7 +204,7 @@ def saved(checkpoint, tmp_path_factory) -> Saved:
     """An adapter that is not the identity (random B, scaled projector), saved; a merged copy, saved; both reloaded."""
     folder = tmp_path_factory.mktemp("peft")
     torch.manual_seed(0)
-    base, processor = load_base(str(checkpoint))
+    base, processor = load_checkpoint(str(checkpoint))
     batch = fixed_batch(processor)
     with torch.no_grad():
         base_logits = base(**batch).logits
@@ -330,7 +329,7 @@ def test_cli_records_the_hub_base_and_its_pushed_adapter_loads_from_the_hub(hub:
     command = [CURRENT_PYTHON, "-c", SCORE_ADAPTER, "user/valign-tiny-vqa-lora", str(scored), str(TESTS)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    base, processor = load_base(str(checkpoint))
+    base, processor = load_checkpoint(str(checkpoint))
     with torch.no_grad():
         expected = PeftModel.from_pretrained(base, output).eval()(**fixed_batch(processor)).logits
     torch.testing.assert_close(load_file(scored)["logits"], expected, rtol=1e-5, atol=1e-5)

@@ -7,13 +7,14 @@ import torch
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
+from valign.eval.generate import load_checkpoint
 from valign.train.collator import IGNORE_INDEX, ConversationCollator
-from valign.train.peft_vqa import add_lora, load_base, lora_config, vqa_rows, vqa_training_set
+from valign.train.peft_vqa import add_lora, lora_config, vqa_rows, vqa_training_set
 
 
 def test_sft_trainer_collator_labels_and_loss_match_valigns(checkpoint, tmp_path):
     torch.manual_seed(0)
-    model, processor = load_base(str(checkpoint))
+    model, processor = load_checkpoint(str(checkpoint))
     model = add_lora(model, lora_config(r=4, alpha=8, dropout=0.0))
     samples = [*vqa_training_set(vqa_rows("easy-vqa", "train", 4))]
     # SFTTrainer takes a datasets.Dataset; an "image" column makes it a vision dataset.

@@ -29,8 +29,9 @@ import torch
 import transformers
 from huggingface_hub import EvalResult, HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoProcessor, PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from ..eval.generate import load_checkpoint
 from ..eval.vqa import evaluate_vqa
 from .card import Benchmark, eval_results_from_json, model_card
 from .collator import ConversationCollator
@@ -41,7 +42,6 @@ from .run import checkpointing_arguments, warmup_argument
 logger = logging.getLogger(__name__)
 
 # transformers 5 removed AutoModelForVision2Seq; valign's config maps both names, so either major loads it.
-AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
 DEFAULT_DATA = "flaviagiammarino/path-vqa"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -49,15 +49,6 @@ ADAPTER_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "ad
 
 
 # --------------------------------------------------------------------------- model and adapter
-
-
-def load_base(name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None):
-    """A valign checkpoint (local folder or Hub id) and its processor, loaded as Hub remote code."""
-    model = AUTO_MODEL.from_pretrained(
-        name_or_path, revision=revision, dtype=dtype, attn_implementation="sdpa", trust_remote_code=True
-    )
-    processor = AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=True)
-    return model, processor
 
 
 def language_model_targets(projections: Sequence[str] = ATTENTION_PROJECTIONS) -> str:
@@ -300,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     transformers.set_seed(args.seed)
-    model, processor = load_base(args.model, args.revision)
+    model, processor = load_checkpoint(args.model, args.revision)
     # Hub ids are recorded as given; a local base is recorded as the path it was read from.
     projections = ATTENTION_PROJECTIONS + (MLP_PROJECTIONS if args.mlp else ())
     lora = lora_config(args.lora_r, args.lora_alpha, projections, args.lora_dropout)
