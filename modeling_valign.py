@@ -22,6 +22,7 @@ from .configuration_valign import ATTN_MODES, ValignConfig
 
 # Kernels that take no arbitrary 4D mask: they would silently drop the image-bidirectional pattern.
 KERNELS_WITHOUT_CUSTOM_MASKS = ("flash_attention_2", "flash_attention_3", "flex_attention")
+IGNORE_INDEX = -100
 
 
 def image_ids_of(image_mask: torch.Tensor, image_seq_length: int) -> torch.Tensor:
@@ -33,31 +34,39 @@ def image_ids_of(image_mask: torch.Tensor, image_seq_length: int) -> torch.Tenso
     return torch.where(image_mask, torch.div(rank, image_seq_length, rounding_mode="floor"), -1)
 
 
+def document_ids_of(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the packed sample each token belongs to: a new sample starts wherever the position restarts at 0."""
+    return (position_ids == 0).long().cumsum(-1)
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
-    image_mask: torch.Tensor,
+    image_mask: torch.Tensor | None,
     mode: str,
     past_length: int,
     image_seq_length: int,
     dtype: torch.dtype,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The attention policy of valign, and the only place it is defined.
 
     Args:
         attention_mask: `(batch, past_length + q)` padding mask, 1 for real tokens, or None (nothing padded).
-        image_mask: `(batch, q)` True where the current tokens are image patches.
+        image_mask: `(batch, q)` True where the current tokens are image patches, or None when there are none.
         mode: "causal", "hybrid" or "bidirectional".
         past_length: number of tokens already in the KV cache (they are never image tokens of this chunk).
+        document_ids: `(batch, q)` index of the packed sample of each token (no KV cache), or None when every row
+            holds one sample. Tokens attend only within their own sample, in every mode.
 
     Returns:
         The 2D padding mask unchanged when the result is plain causal attention (the decoder builds it, with any
         attention kernel), else a `(batch, 1, q, past_length + q)` additive float mask: 0 where attention is
         allowed, the dtype's minimum where it is blocked.
     """
-    if mode == "causal" or (mode == "hybrid" and not image_mask.any()):
+    if document_ids is None and (mode == "causal" or (mode == "hybrid" and image_mask is None)):
         return attention_mask
-    batch, q = image_mask.shape
-    device = image_mask.device
+    batch, q = image_mask.shape if image_mask is not None else document_ids.shape
+    device = (image_mask if image_mask is not None else document_ids).device
     kv = past_length + q
     if attention_mask is None:
         attention_mask = torch.ones(batch, kv, dtype=torch.bool, device=device)
@@ -66,11 +75,15 @@ def build_attention_mask(
     key_pos = torch.arange(kv, device=device)[None, :]
     if mode == "bidirectional":
         allowed = key_is_real.expand(batch, q, kv)
-    else:
+    elif mode == "hybrid" and image_mask is not None:
         image_ids = image_ids_of(image_mask, image_seq_length)
         key_image_ids = nn.functional.pad(image_ids, (past_length, 0), value=-1)
         same_image = (image_ids[:, :, None] >= 0) & (image_ids[:, :, None] == key_image_ids[:, None, :])
         allowed = ((key_pos <= query_pos) | same_image) & key_is_real
+    else:
+        allowed = (key_pos <= query_pos) & key_is_real
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
     # A padding query row must see something, or softmax over a fully blocked row gives NaN.
     allowed = allowed | (key_pos == query_pos)
     blocked = torch.finfo(dtype).min
@@ -82,6 +95,21 @@ def positions_from_padding(attention_mask: torch.Tensor | None, batch: int, q: i
     if attention_mask is None:
         return torch.arange(past_length, past_length + q, device=device).expand(batch, q)
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
+
+
+def packed_document_ids(
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_length: int
+) -> torch.Tensor | None:
+    """Sample index per token for padding-free packed rows, else None.
+
+    transformers' convention (`DataCollatorWithFlattening`, TRL's `padding_free`): no attention mask, and position
+    ids that restart at 0 where each packed sample begins.
+    """
+    if position_ids is None or attention_mask is not None or past_length > 0:
+        return None
+    if not (position_ids[..., 1:] == 0).any():
+        return None
+    return document_ids_of(position_ids)
 
 
 def unwrap_vision_encoder(model: nn.Module) -> nn.Module:
@@ -204,12 +232,14 @@ class ValignModel(ValignPreTrainedModel):
                 "every image needs exactly one placeholder"
             )
 
-    def _check_attn_implementation(self, mode: str) -> None:
+    def _check_attn_implementation(self, mode: str, packed: bool) -> None:
         kernel = self.config.text_config._attn_implementation
-        if mode != "causal" and kernel in KERNELS_WITHOUT_CUSTOM_MASKS:
+        if (mode != "causal" or packed) and kernel in KERNELS_WITHOUT_CUSTOM_MASKS:
+            needs = "packed rows need" if packed else f"attn_mode={mode!r} needs"
             raise ValueError(
-                f"attn_mode={mode!r} needs a custom 4D attention mask, which {kernel!r} cannot apply; "
-                "load the model with attn_implementation='sdpa' or 'eager', or use attn_mode='causal'"
+                f"{needs} a custom 4D attention mask, which {kernel!r} cannot apply; "
+                "load the model with attn_implementation='sdpa' or 'eager'"
+                + ("" if packed else ", or use attn_mode='causal'")
             )
 
     def forward(
@@ -229,7 +259,9 @@ class ValignModel(ValignPreTrainedModel):
         mode = attn_mode or self.config.attn_mode
         if mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {mode!r}")
-        self._check_attn_implementation(mode)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        document_ids = packed_document_ids(position_ids, attention_mask, past_length)
+        self._check_attn_implementation(mode, packed=document_ids is not None)
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -241,11 +273,16 @@ class ValignModel(ValignPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
 
         batch, q = image_mask.shape
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             position_ids = positions_from_padding(attention_mask, batch, q, past_length, inputs_embeds.device)
         mask = build_attention_mask(
-            attention_mask, image_mask, mode, past_length, self.config.image_seq_length, inputs_embeds.dtype
+            attention_mask,
+            image_mask if image_features is not None else None,
+            mode,
+            past_length,
+            self.config.image_seq_length,
+            inputs_embeds.dtype,
+            document_ids,
         )
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -416,7 +453,10 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            if not (labels[:, 1:] != -100).any():
+            if position_ids is not None and attention_mask is None:
+                # Packed rows: a sample's first token is no target for the previous sample's last token.
+                labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
+            if not (labels[:, 1:] != IGNORE_INDEX).any():
                 raise ValueError("labels hold no supervised token (all -100 after the shift): nothing to learn from")
             loss = self.loss_function(
                 logits, labels, self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch

@@ -53,8 +53,7 @@ def test_mask_with_cache_extends_over_past_keys():
 
 def test_causal_and_text_only_hybrid_leave_the_padding_mask_to_the_decoder():
     padding = torch.tensor([[0, 1, 1]])
-    no_images = torch.zeros(1, 3, dtype=torch.bool)
-    assert build_attention_mask(padding, no_images, "hybrid", 0, 4, torch.float32) is padding
+    assert build_attention_mask(padding, None, "hybrid", 0, 4, torch.float32) is padding
     assert build_attention_mask(padding, torch.ones(1, 3, dtype=torch.bool), "causal", 0, 3, torch.float32) is padding
 
 

@@ -4,6 +4,10 @@ Labels come from the chat template's `{% generation %}` markers (`return_assista
 and padding tokens are never supervised. With `text_mask_ratio` > 0 (the bidirectional alignment stage) a share of
 the answer tokens is replaced by a mask token and only those are supervised: under full attention every position
 sees its successor, so plain next-token loss would be trivial.
+
+With `packing`, the samples of a batch are laid end to end in rows of at most `pack_length` tokens instead of
+one padded row each (transformers' padding-free convention: no attention mask, position ids restarting at 0 per
+sample). The model then keeps every sample to itself (`build_attention_mask`), so the loss is the unpacked one.
 """
 
 from __future__ import annotations
@@ -51,6 +55,21 @@ def mask_answer_tokens(
     return masked_ids, masked_labels
 
 
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the sample indices of each row, longest first; no row holds more than `capacity`."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
 class ConversationCollator:
     """Turn samples `{"id", "image", "messages"}` into a training batch for valign."""
 
@@ -61,14 +80,20 @@ class ConversationCollator:
         text_mask_ratio: float = 0.0,
         mask_token_id: int | None = None,
         seed: int = 0,
+        packing: bool = False,
+        pack_length: int | None = None,
     ) -> None:
         if text_mask_ratio > 0 and mask_token_id is None:
             raise ValueError("text_mask_ratio > 0 needs a mask_token_id")
+        if pack_length is not None and pack_length < max_length:
+            raise ValueError(f"pack_length={pack_length} must be at least max_length={max_length}: a sample must fit")
         self.processor = processor
         self.max_length = max_length
         self.text_mask_ratio = text_mask_ratio
         self.mask_token_id = mask_token_id
         self.seed = seed
+        self.packing = packing
+        self.pack_length = pack_length or max_length
 
     def encode(self, sample: dict) -> dict[str, torch.Tensor]:
         """One sample: token ids, labels (answer tokens only), pixel values; cut to `max_length`."""
@@ -98,15 +123,45 @@ class ConversationCollator:
         encoded = [self.encode(sample) for sample in samples if sample is not None]
         if not encoded:
             raise ValueError("a batch in which every sample was skipped: check the data report")
-        pad_id = self.processor.tokenizer.pad_token_id
-        input_ids = pad_sequence([e["input_ids"] for e in encoded], batch_first=True, padding_value=pad_id)
-        lengths = torch.tensor([len(e["input_ids"]) for e in encoded])
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long(),
-            "labels": pad_sequence([e["labels"] for e in encoded], batch_first=True, padding_value=IGNORE_INDEX),
-        }
+        if self.packing:
+            rows = self.group_into_rows(encoded)
+            encoded = [e for row in rows for e in row]  # the images' order must follow their tokens' order
+            batch = self.pack(rows)
+        else:
+            batch = self.pad(encoded)
         pixels = [e["pixel_values"] for e in encoded if e["pixel_values"] is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         return batch
+
+    def pad(self, encoded: list[dict]) -> dict[str, torch.Tensor]:
+        """One right-padded row per sample."""
+        pad_id = self.processor.tokenizer.pad_token_id
+        input_ids = pad_sequence([e["input_ids"] for e in encoded], batch_first=True, padding_value=pad_id)
+        lengths = torch.tensor([len(e["input_ids"]) for e in encoded])
+        return {
+            "input_ids": input_ids,
+            "attention_mask": (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long(),
+            "labels": pad_sequence([e["labels"] for e in encoded], batch_first=True, padding_value=IGNORE_INDEX),
+        }
+
+    def group_into_rows(self, encoded: list[dict]) -> list[list[dict]]:
+        lengths = [len(e["input_ids"]) for e in encoded]
+        return [[encoded[i] for i in row] for row in pack_rows(lengths, self.pack_length)]
+
+    def pack(self, rows: list[list[dict]]) -> dict[str, torch.Tensor]:
+        """The samples of each row end to end, position ids restarting per sample; a row's padding tail is a
+        sample of its own (positions from 0, no labels), so it never touches the real ones."""
+        width = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+        pad_id = self.processor.tokenizer.pad_token_id
+        packed = [pack_row(row, width, pad_id) for row in rows]
+        return {name: torch.stack([row[name] for row in packed]) for name in packed[0]}
+
+
+def pack_row(samples: list[dict], width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    fill = width - sum(len(e["input_ids"]) for e in samples)
+    return {
+        "input_ids": torch.cat([e["input_ids"] for e in samples] + [torch.full((fill,), pad_id)]),
+        "labels": torch.cat([e["labels"] for e in samples] + [torch.full((fill,), IGNORE_INDEX)]),
+        "position_ids": torch.cat([torch.arange(len(e["input_ids"])) for e in samples] + [torch.arange(fill)]),
+    }

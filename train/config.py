@@ -48,6 +48,8 @@ class StageConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_length: int = 2048
+    packing: bool = False  # samples end to end in rows (no padding), each attending only to itself
+    pack_length: int | None = None  # tokens per packed row; None = max_length
     precision: str = "bf16"
     gradient_checkpointing: bool = False
     save_steps: int = 500

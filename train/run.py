@@ -141,7 +141,15 @@ def run_stage(
     logger.info("%s: trainable parameters %s", config.name, trainable)
 
     dataset, skips = stage_dataset(config, data_root)
-    collator = ConversationCollator(processor, config.max_length, config.text_mask_ratio, mask_token_id, config.seed)
+    collator = ConversationCollator(
+        processor,
+        config.max_length,
+        config.text_mask_ratio,
+        mask_token_id,
+        config.seed,
+        packing=config.packing,
+        pack_length=config.pack_length,
+    )
     args = training_arguments(config, output_dir)
     if not resume and (output_dir / "training_log.jsonl").exists():
         (output_dir / "training_log.jsonl").unlink()  # a fresh run starts a fresh log
