@@ -131,7 +131,8 @@ class ValignProcessor(ProcessorMixin):
 
         `return_offsets_mapping` gives character offsets in the text as passed in (not the expanded text; all
         tokens of an image span point at its placeholder), so chat-template assistant masks line up under both
-        transformers majors; `text_replacement_offsets` is then empty, since nothing is left to correct.
+        transformers majors; `text_replacement_offsets` is then empty, since nothing is left to correct. The
+        offsets are lists of `(start, end)` pairs, one list per text, whatever `return_tensors` is.
         """
         if videos is not None or audio is not None:
             raise ValueError("valign reads images and text only; videos and audio are not supported")
@@ -163,7 +164,7 @@ class ValignProcessor(ProcessorMixin):
         if return_offsets_mapping:
             width = len(data["input_ids"][0])
             offsets = [self._original_offsets(t, o[kept]) for t, o, kept in zip(texts, encoded["offset_mapping"], rows)]
-            data["offset_mapping"] = [pad_offsets(o, width, padding_side) for o in offsets]
+            offset_mapping = [pad_offsets(o, width, padding_side) for o in offsets]
         if return_text_replacement_offsets:
             data["text_replacement_offsets"] = [[] for _ in texts]
         flat_images = [load_image(image) for sample in per_sample for image in sample]
@@ -171,7 +172,12 @@ class ValignProcessor(ProcessorMixin):
             data["pixel_values"] = self.image_processor(flat_images, return_tensors=return_tensors, **kwargs)[
                 "pixel_values"
             ]
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        batch = BatchFeature(data=data, tensor_type=return_tensors)
+        if return_offsets_mapping:
+            # Python (start, end) pairs, not a tensor: transformers' assistant-mask code walks them token by token,
+            # which costs ~50× more over tensor elements (it converts the masks to tensors itself afterwards).
+            batch["offset_mapping"] = offset_mapping
+        return batch
 
     def _check_placeholders(self, texts: list[str], per_sample: list[list[Any]]) -> None:
         if len(per_sample) != len(texts):

@@ -68,3 +68,15 @@ def test_generation_never_emits_the_image_token(model_and_processor):
     finally:
         handle.remove()
     assert image_token not in out[0, batch["input_ids"].shape[1] :].tolist()
+
+
+def test_images_are_encoded_once_per_generation(model_and_processor):
+    model, processor = model_and_processor
+    batch = processor(images=[shape_image("red"), shape_image("blue")], text=prompts(processor, ["Describe."] * 2))
+    calls = []
+    hook = model.model.vision_tower.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    try:
+        model.generate(**batch, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    finally:
+        hook.remove()
+    assert calls == [2]  # one vision pass over both images at prefill, none while decoding

@@ -39,7 +39,8 @@ def test_rows_hold_every_sample_once_within_capacity():
         rows = pack_rows(lengths, 100)
         assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
         assert all(sum(lengths[i] for i in row) <= 100 for row in rows)
-    assert pack_rows([60, 40, 30, 70], 100) == [[3, 2], [0, 1]]  # first-fit decreasing fills rows exactly here
+    assert pack_rows([60, 40, 30, 70], 100) == [[3, 2], [0, 1]]
+    assert pack_rows([340, 330, 320, 310], 1024) == [[0, 3], [1, 2]]  # two even rows, not 3 + 1
 
 
 def test_packed_mask_keeps_each_sample_to_itself():

@@ -56,17 +56,19 @@ def mask_answer_tokens(
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: the sample indices of each row, longest first; no row holds more than `capacity`."""
-    rows: list[list[int]] = []
-    room: list[int] = []
+    """Sample indices per row, as few and as even rows as fit: longest sample first onto the shortest row that has
+    room (a new row when none has). Even rows matter because every row is padded to the longest one."""
+    rows: list[list[int]] = [[] for _ in range(-(-sum(lengths) // capacity))]
+    loads = [0] * len(rows)
     for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        row = next((r for r, free in enumerate(room) if lengths[index] <= free), None)
-        if row is None:
+        fitting = [r for r in range(len(rows)) if loads[r] + lengths[index] <= capacity]
+        if not fitting:
             rows.append([])
-            room.append(capacity)
-            row = len(rows) - 1
+            loads.append(0)
+            fitting = [len(rows) - 1]
+        row = min(fitting, key=loads.__getitem__)
         rows[row].append(index)
-        room[row] -= lengths[index]
+        loads[row] += lengths[index]
     return rows
 
 

@@ -1,0 +1,127 @@
+"""Measuring tools for the benchmark: wall time, peak memory, FLOPs and the machine's matmul rate."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds one call takes, waiting for the accelerator to finish."""
+    synchronize()
+    start = time.perf_counter()
+    fn()
+    synchronize()
+    return time.perf_counter() - start
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed(fn) for _ in range(repeats))
+
+
+def release_memory() -> None:
+    """Free what can be freed, and hand freed heap pages back to the OS so the next RSS peak is this phase's."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class Peak:
+    bytes: int = 0
+
+    @property
+    def gib(self) -> float:
+        return self.bytes / 2**30
+
+
+@contextmanager
+def peak_memory() -> Iterator[Peak]:
+    """Peak memory above the level at entry: the CUDA allocator's peak on a GPU, else the process's resident set
+    sampled every millisecond (CPU tensors have no allocator statistics)."""
+    peak = Peak()
+    release_memory()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        yield peak
+        synchronize()
+        peak.bytes = torch.cuda.max_memory_allocated() - start
+        return
+    start, highest, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            highest[0] = max(highest[0], resident_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+        peak.bytes = max(highest[0], resident_bytes()) - start
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call as counted by `torch.utils.flop_counter` (matmuls, convolutions, and attention where
+    its kernel has a formula: the CUDA SDPA kernels do, the CPU one does not)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_second(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's dense matmul rate in `dtype`: what a training step could reach at best."""
+    a = torch.randn(size, size, device=device(), dtype=dtype)
+    b = torch.randn(size, size, device=device(), dtype=dtype)
+    return 2 * size**3 / median_time(lambda: a @ b, repeats, warmup=2)
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo() if line.startswith("model name")), "CPU")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU (torch threads: {torch.get_num_threads()})"
+
+
+def cpu_supports_bf16() -> bool:
+    flags = next((line for line in cpuinfo() if line.startswith("flags")), "")
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def cpuinfo() -> list[str]:
+    return Path("/proc/cpuinfo").read_text().splitlines()

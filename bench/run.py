@@ -1,0 +1,438 @@
+"""valign against transformers' LLaVA built from identical parts (random weights), in one process and run.
+
+Training steps (stage-1: towers frozen; stage-2: everything trains; forward + backward + AdamW) on caption
+batches from the embedded data, padded and packed; caption generation (prefill latency, decode tokens/s at batch 1
+and 8); peak memory of each; achieved FLOP/s against the machine's matmul rate; the attention mask's and the
+processor's time as a share of a step. Results replace the measured section of BENCHMARKS.md.
+
+    .venv/bin/python bench/run.py                 # small and paper shapes (CPU: about 15 minutes)
+    .venv/bin/python bench/run.py --shapes small  # about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from harness import (
+    count_flops,
+    cpu_supports_bf16,
+    device,
+    machine_description,
+    matmul_flops_per_second,
+    median_time,
+    peak_memory,
+    release_memory,
+    timed,
+)
+from llava_twin import llava_twin
+from transformers import Qwen2Config, SiglipVisionConfig
+from transformers.utils import logging as hf_logging
+
+from valign import ValignConfig, ValignForConditionalGeneration
+from valign.eval.generate import CAPTION_PROMPT
+from valign.modeling_valign import build_attention_mask, packed_document_ids
+from valign.processing_valign import ValignProcessor, prepare_tokenizer
+from valign.train.backbones import image_processor_class, train_tokenizer
+from valign.train.collator import IGNORE_INDEX, ConversationCollator
+from valign.train.data import adapt
+from valign.train.demo import DemoSizes, demo_corpus
+from valign.train.synthetic import make_caption_dataset
+
+REPO = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+@dataclass
+class Shape:
+    name: str
+    description: str
+    config: Callable[[int, int], ValignConfig]  # (vocab size, image token id) -> config
+    batch_size: int  # training samples per step
+    max_length: int  # the recipe's; also the packed row length
+    steps: int  # timed training steps (after one warm-up step)
+    new_tokens: int  # generated per caption
+    dtype: torch.dtype  # autocast dtype in training, weight dtype in generation
+    repeats: int  # timings per generation measurement (the median is reported)
+
+
+def small_config(vocab_size: int, image_token_id: int) -> ValignConfig:
+    """The offline demo's shape (DemoSizes): 128 wide, LM 4 layers, vision 2 layers, 16 image tokens."""
+    sizes = DemoSizes()
+    vision = SiglipVisionConfig(
+        hidden_size=sizes.width,
+        intermediate_size=2 * sizes.width,
+        num_hidden_layers=sizes.vision_layers,
+        num_attention_heads=4,
+        image_size=sizes.encoder_image_size,
+        patch_size=sizes.patch_size,
+        vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=sizes.width,
+        intermediate_size=2 * sizes.width,
+        num_hidden_layers=sizes.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rope_theta=1_000_000.0,
+    )
+    return ValignConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
+
+
+def paper_config(vocab_size: int, image_token_id: int) -> ValignConfig:
+    """SigLIP so400m-patch14-224 + Qwen2.5-0.5B (valign's defaults); the vocabulary stays Qwen's 151,936."""
+    return ValignConfig(image_token_id=image_token_id)
+
+
+def shapes() -> dict[str, Shape]:
+    paper_dtype = torch.bfloat16 if torch.cuda.is_available() or cpu_supports_bf16() else torch.float32
+    return {
+        "small": Shape(
+            "small", "the offline demo's model (DemoSizes)", small_config, 16, 256, 12, 32, torch.float32, 7
+        ),
+        "paper": Shape(
+            "paper", "SigLIP so400m-patch14-224 + Qwen2.5-0.5B", paper_config, 4, 1024, 2, 16, paper_dtype, 1
+        ),
+    }
+
+
+@dataclass
+class Variant:
+    label: str
+    llava: bool = False
+    attn_mode: str = "causal"
+    packing: bool = False
+
+
+VARIANTS = [
+    Variant("LLaVA (transformers)", llava=True),
+    Variant("valign causal", attn_mode="causal"),
+    Variant("valign hybrid", attn_mode="hybrid"),
+    Variant("valign hybrid, packed", attn_mode="hybrid", packing=True),
+]
+
+
+@dataclass
+class Workload:
+    """What every variant of a shape runs on: the processor, caption samples and their batches."""
+
+    processor: ValignProcessor
+    samples: list[dict]
+    batches: dict[bool, list[dict]]  # packing -> batches
+    collate_seconds: dict[bool, float]
+    lengths: list[int]
+    supervised: list[int]
+    images: list = field(default_factory=list)
+
+
+def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
+    config = shape.config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    size = config.vision_config.image_size
+    processor = ValignProcessor(
+        image_processor=image_processor_class()(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        image_seq_length=config.image_seq_length,
+        vision_start_token="<|vision_start|>",
+        vision_end_token="<|vision_end|>",
+    )
+    count = shape.batch_size * (shape.steps + 1)
+    dataset = adapt(make_caption_dataset(count, "recap", seed=seed, image_size=max(64, size)))
+    samples = [dataset[i] for i in range(count)]
+    batches, collate_seconds = {}, {}
+    for packing in (False, True):
+        collator = ConversationCollator(processor, shape.max_length, packing=packing)
+        groups = [samples[i : i + shape.batch_size] for i in range(0, count, shape.batch_size)]
+        batches[packing] = [collator(group) for group in groups]
+        collate_seconds[packing] = statistics.median(timed(lambda g=g, c=collator: c(g)) for g in groups)
+    encoded = [ConversationCollator(processor, shape.max_length).encode(s) for s in samples]
+    return Workload(
+        processor,
+        samples,
+        batches,
+        collate_seconds,
+        [len(e["input_ids"]) for e in encoded],
+        [int((e["labels"] != IGNORE_INDEX).sum()) for e in encoded],
+        [s["image"] for s in samples[:8]],
+    )
+
+
+def build_model(shape: Shape, workload: Workload, llava: bool) -> torch.nn.Module:
+    tokenizer = workload.processor.tokenizer
+    config = shape.config(len(tokenizer), workload.processor.image_token_id)
+    torch.manual_seed(0)
+    model = ValignForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if llava:
+        twin = llava_twin(model)
+        del model
+        model = twin
+    release_memory()
+    return model.to(device())
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.to(device()) for k, v in batch.items()}
+
+
+def useful_tokens(batch: dict, pad_id: int) -> int:
+    return int((batch["input_ids"] != pad_id).sum())
+
+
+def supervised_tokens(batch: dict) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def train(model, shape: Shape, workload: Workload, variants: list[Variant], setting: str) -> dict[str, dict]:
+    """Time `shape.steps` optimizer steps per variant after one warm-up step each. Variants sharing a model take
+    turns step by step, so a slow patch of a shared machine hits them alike. FLOPs are counted apart."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = setting == "stage-2" or "multi_modal_projector" in name
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    batches = {packing: [to_device(b) for b in workload.batches[packing]] for packing in (False, True)}
+    autocast = torch.autocast(device().type, dtype=shape.dtype, enabled=shape.dtype != torch.float32)
+
+    def forward_backward(batch: dict, variant: Variant) -> float:
+        if not variant.llava:  # valign's modes share one model
+            model.config.attn_mode = variant.attn_mode
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        return loss.item()
+
+    def step(batch: dict, variant: Variant) -> float:
+        loss = forward_backward(batch, variant)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    runs = {v.label: {"seconds": [], "peak": 0} for v in variants}
+    for variant in variants:
+        step(batches[variant.packing][0], variant)  # allocates the optimizer state
+    for index in range(1, shape.steps + 1):
+        for variant in variants:
+            run, batch = runs[variant.label], batches[variant.packing][index]
+            run["seconds"].append(timed(lambda b=batch, v=variant: step(b, v)))
+    for variant in variants:  # memory on one more, untimed, step: the sampling thread would slow the timed ones
+        with peak_memory() as peak:
+            step(batches[variant.packing][1], variant)
+        runs[variant.label]["peak"] = peak.bytes
+    optimizer.zero_grad(set_to_none=True)
+    pad_id = workload.processor.tokenizer.pad_token_id
+    results = {}
+    for variant in variants:
+        run, timed_batches = runs[variant.label], batches[variant.packing][1:]
+        total = sum(run["seconds"])
+        flops_per_s = 0.0
+        if setting == "stage-2":  # the first timed step's FLOPs over its time
+            flops = count_flops(lambda v=variant, b=timed_batches[0]: forward_backward(b, v))
+            flops_per_s = flops / run["seconds"][0]
+            optimizer.zero_grad(set_to_none=True)
+        results[variant.label] = {
+            "seconds_per_step": statistics.median(run["seconds"]),
+            "spread": (min(run["seconds"]), max(run["seconds"])),
+            "samples_per_s": shape.batch_size * len(run["seconds"]) / total,
+            "tokens_per_s": sum(useful_tokens(b, pad_id) for b in timed_batches) / total,
+            "supervised_per_s": sum(supervised_tokens(b) for b in timed_batches) / total,
+            "peak_gib": run["peak"] / 2**30,
+            "flops_per_s": flops_per_s,
+        }
+        if not variant.llava and setting == "stage-2":
+            results[variant.label]["mask_share"] = mask_seconds(model, timed_batches, variant) / total
+    return results
+
+
+def packing_loss_gap(model, workload: Workload) -> float:
+    """Largest |padded loss − packed loss| over the workload's batches, same weights (valign hybrid)."""
+    model.config.attn_mode = "hybrid"
+    with torch.no_grad():
+        losses = [[model(**to_device(b)).loss.item() for b in workload.batches[packing]] for packing in (False, True)]
+    return max(abs(a - b) for a, b in zip(*losses))
+
+
+def mask_seconds(model, batches: list[dict], variant: Variant) -> float:
+    """Time spent building the attention mask for these batches (once per forward pass)."""
+    config = model.config
+    dtype = next(model.parameters()).dtype
+
+    def build(batch: dict) -> None:
+        build_attention_mask(
+            batch.get("attention_mask"),
+            batch["input_ids"] == config.image_token_id,
+            variant.attn_mode,
+            0,
+            config.image_seq_length,
+            dtype,
+            packed_document_ids(batch.get("position_ids"), batch.get("attention_mask"), 0),
+        )
+
+    return sum(median_time(lambda b=b: build(b), repeats=5) for b in batches)
+
+
+def generation(model, shape: Shape, workload: Workload, batch_size: int) -> dict:
+    """Prefill latency (prompt with image → first logits) and decode tokens/s, from generate(n) − generate(1)."""
+    model.eval().to(shape.dtype)
+    processor = workload.processor
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=workload.images[:batch_size], text=[prompt] * batch_size)
+    inputs = {k: (v.to(shape.dtype) if v.is_floating_point() else v).to(device()) for k, v in inputs.items()}
+    n = shape.new_tokens
+
+    def generate(tokens: int) -> None:
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+
+    with torch.no_grad(), peak_memory() as peak:
+        prefill = median_time(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats=shape.repeats)
+        first = median_time(lambda: generate(1), repeats=shape.repeats)
+        full = median_time(lambda: generate(n), repeats=shape.repeats)
+    return {"prefill_s": prefill, "decode_per_s": batch_size * (n - 1) / (full - first), "peak_gib": peak.gib}
+
+
+def bench_shape(shape: Shape, tokenizer) -> dict:
+    print(f"\n== {shape.name}: {shape.description}", flush=True)
+    workload = build_workload(shape, tokenizer)
+    results: dict[str, dict] = {v.label: {} for v in VARIANTS}
+    for llava in (True, False):  # one model each for LLaVA and for valign's variants (its modes share weights)
+        variants = [v for v in VARIANTS if v.llava == llava]
+        model = build_model(shape, workload, llava)
+        if not llava:
+            results["valign hybrid, packed"]["loss_gap"] = packing_loss_gap(model, workload)
+        for setting in ("stage-1", "stage-2"):
+            for label, result in train(model, shape, workload, variants, setting).items():
+                results[label][setting] = result
+                print(f"{label:24s} {setting}: {result['seconds_per_step']:.3f} s/step", flush=True)
+        for variant in (v for v in variants if not v.packing):  # generation does not pack
+            if not llava:
+                model.config.attn_mode = variant.attn_mode
+            results[variant.label]["generation"] = {b: generation(model, shape, workload, b) for b in (1, 8)}
+        del model
+        release_memory()
+    return {"shape": shape, "workload": workload, "variants": results}
+
+
+def ratio(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}×" if reference else "–"
+
+
+def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
+    shape, workload, variants = result["shape"], result["workload"], result["variants"]
+    reference = variants[VARIANTS[0].label]
+    lengths, supervised = workload.lengths, workload.supervised
+    dtype = str(shape.dtype).replace("torch.", "")
+    lines = [
+        f"### {shape.name}: {shape.description}",
+        "",
+        f"Training batches: {shape.batch_size} recap-caption samples per step, {shape.steps} timed steps after one "
+        f"warm-up; tokens per sample {min(lengths)}–{max(lengths)} (mean {statistics.mean(lengths):.0f}, of which "
+        f"{statistics.mean(supervised):.0f} supervised caption tokens); {dtype} "
+        f"{'autocast (fp32 weights and AdamW state)' if shape.dtype != torch.float32 else 'throughout'}. "
+        f"Packed rows hold up to {shape.max_length} tokens.",
+        "",
+        "| variant | setting | s/step, median (fastest–slowest) | samples/s | tokens/s (non-pad) | "
+        "supervised tokens/s | vs LLaVA | peak memory above weights |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, row in variants.items():
+        for setting in ("stage-1", "stage-2"):
+            r, ref = row[setting], reference[setting]
+            fastest, slowest = r["spread"]
+            lines.append(
+                f"| {label} | {setting} | {r['seconds_per_step']:.3f} ({fastest:.3f}–{slowest:.3f}) | "
+                f"{r['samples_per_s']:.1f} | "
+                f"{r['tokens_per_s']:.0f} | {r['supervised_per_s']:.0f} | "
+                f"{ratio(r['samples_per_s'], ref['samples_per_s'])} | {r['peak_gib']:.2f} GiB |"
+            )
+    lines += ["", "| variant | batch | prefill latency | vs LLaVA | decode tokens/s | vs LLaVA | peak memory |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    for label, row in variants.items():
+        for batch, g in row.get("generation", {}).items():
+            ref = reference["generation"][batch]
+            lines.append(
+                f"| {label} | {batch} | {1000 * g['prefill_s']:.1f} ms | {ratio(g['prefill_s'], ref['prefill_s'])} | "
+                f"{g['decode_per_s']:.1f} | {ratio(g['decode_per_s'], ref['decode_per_s'])} | {g['peak_gib']:.2f} GiB |"
+            )
+    peak = matmul[shape.dtype]
+    hybrid, packed = variants["valign hybrid"]["stage-2"], variants["valign hybrid, packed"]["stage-2"]
+    step_seconds = hybrid["seconds_per_step"]
+    lines += [
+        "",
+        f"Achieved FLOP/s in the stage-2 step (FLOPs counted by `torch.utils.flop_counter`) against a {dtype} "
+        f"matmul measured in this run ({peak / 1e9:.0f} GFLOP/s):",
+        "",
+        "| variant | GFLOP/s | share of matmul rate |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {label} | {row['stage-2']['flops_per_s'] / 1e9:.1f} | {row['stage-2']['flops_per_s'] / peak:.0%} |"
+        for label, row in variants.items()
+    ]
+    lines += [
+        "",
+        f"Share of a valign hybrid stage-2 step ({step_seconds:.3f} s): building the attention mask "
+        f"{hybrid['mask_share']:.2%} (packed: {packed['mask_share']:.2%}); the processor and collator making the "
+        f"batch {workload.collate_seconds[False] / step_seconds:.1%} (packed: "
+        f"{workload.collate_seconds[True] / step_seconds:.1%}; a DataLoader worker overlaps it with the step).",
+        "",
+        "Packed vs padded (valign hybrid, stage-2): non-padding tokens/s "
+        f"{ratio(packed['tokens_per_s'], hybrid['tokens_per_s'])}, "
+        f"supervised tokens/s {ratio(packed['supervised_per_s'], hybrid['supervised_per_s'])}; token slots per step "
+        f"{sum(b['input_ids'].numel() for b in workload.batches[True][1:])} packed vs "
+        f"{sum(b['input_ids'].numel() for b in workload.batches[False][1:])} padded; largest loss difference on the "
+        f"same batches and weights {variants['valign hybrid, packed']['loss_gap']:.1e}.",
+    ]
+    return "\n".join(lines)
+
+
+def report(results: list[dict], matmul: dict[torch.dtype, float]) -> str:
+    header = [
+        f"Measured {datetime.date.today().isoformat()} by `bench/run.py` on {machine_description()}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}. "
+        "Random weights; LLaVA is `transformers.LlavaForConditionalGeneration` holding copies of valign's vision "
+        "tower, projector and language model (SDPA attention in both).",
+        "",
+    ]
+    return "\n".join(header + [report_shape(r, matmul) + "\n" for r in results]).rstrip()
+
+
+def write_benchmarks(text: str, path: Path) -> None:
+    """Replace the measured section of BENCHMARKS.md, keeping the hand-written text around it."""
+    block = f"{START}\n{text}\n{END}"
+    current = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
+    path.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, current, flags=re.S))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", choices=["small", "paper"], default=["small", "paper"])
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    tokenizer = prepare_tokenizer(train_tokenizer(demo_corpus(DemoSizes())), "<|image_pad|>")
+    selected = [shapes()[name] for name in args.shapes]
+    matmul = {dtype: matmul_flops_per_second(dtype) for dtype in {s.dtype for s in selected}}
+    results = [bench_shape(shape, tokenizer) for shape in selected]
+    text = report(results, matmul)
+    print("\n" + text)
+    write_benchmarks(text, args.output)
+    print(f"\nwritten to {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
