@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import statistics
@@ -103,7 +104,7 @@ def shapes() -> dict[str, Shape]:
             "small", "the offline demo's model (DemoSizes)", small_config, 16, 256, 12, 32, torch.float32, 7
         ),
         "paper": Shape(
-            "paper", "SigLIP so400m-patch14-224 + Qwen2.5-0.5B", paper_config, 4, 1024, 2, 16, paper_dtype, 1
+            "paper", "SigLIP so400m-patch14-224 + Qwen2.5-0.5B", paper_config, 4, 1024, 2, 16, paper_dtype, 2
         ),
     }
 
@@ -168,19 +169,33 @@ def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
     )
 
 
-def build_model(shape: Shape, workload: Workload, llava: bool) -> torch.nn.Module:
+def build_models(shape: Shape, workload: Workload) -> dict[bool, torch.nn.Module]:
+    """valign (random weights) and its LLaVA twin, keyed by `Variant.llava`."""
     tokenizer = workload.processor.tokenizer
     config = shape.config(len(tokenizer), workload.processor.image_token_id)
     torch.manual_seed(0)
     model = ValignForConditionalGeneration._from_config(config, attn_implementation="sdpa")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if llava:
-        twin = llava_twin(model)
-        del model
-        model = twin
-    release_memory()
-    return model.to(device())
+    return {False: model.to(device()), True: llava_twin(model).to(device())}
+
+
+def interleaved(calls: dict[str, Callable[[int], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of `calls[label](round)` for each round, the calls taking turns within a round, so a slow moment
+    of a shared machine hits every variant alike."""
+    seconds: dict[str, list[float]] = {label: [] for label in calls}
+    for index in range(rounds):
+        for label, call in calls.items():
+            seconds[label].append(timed(lambda c=call, i=index: c(i)))
+    return seconds
+
+
+def fits_side_by_side(models: dict[bool, torch.nn.Module]) -> bool:
+    """Whether both models can hold full AdamW training state (weights, gradients, two moments) at once."""
+    need = sum(16 * sum(p.numel() for p in m.parameters()) for m in models.values())
+    if torch.cuda.is_available():
+        return need < 0.6 * torch.cuda.mem_get_info()[0]
+    return need < 0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def to_device(batch: dict) -> dict:
@@ -195,63 +210,57 @@ def supervised_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def train(model, shape: Shape, workload: Workload, variants: list[Variant], setting: str) -> dict[str, dict]:
-    """Time `shape.steps` optimizer steps per variant after one warm-up step each. Variants sharing a model take
-    turns step by step, so a slow patch of a shared machine hits them alike. FLOPs are counted apart."""
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad = setting == "stage-2" or "multi_modal_projector" in name
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+def train(models, shape: Shape, workload: Workload, variants: list[Variant], setting: str) -> dict[str, dict]:
+    """Time `shape.steps` optimizer steps per variant, taking turns, after one warm-up step each; memory and FLOPs
+    are measured on extra, untimed steps (a sampling thread or a FLOP counter would slow the timed ones)."""
+    optimizers = {}
+    for llava in {v.llava for v in variants}:
+        model = models[llava].train()
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = setting == "stage-2" or "multi_modal_projector" in name
+        optimizers[llava] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     batches = {packing: [to_device(b) for b in workload.batches[packing]] for packing in (False, True)}
     autocast = torch.autocast(device().type, dtype=shape.dtype, enabled=shape.dtype != torch.float32)
 
-    def forward_backward(batch: dict, variant: Variant) -> float:
+    def forward_backward(variant: Variant, index: int) -> None:
+        model = models[variant.llava]
         if not variant.llava:  # valign's modes share one model
             model.config.attn_mode = variant.attn_mode
         with autocast:
-            loss = model(**batch).loss
+            loss = model(**batches[variant.packing][index]).loss
         loss.backward()
-        return loss.item()
 
-    def step(batch: dict, variant: Variant) -> float:
-        loss = forward_backward(batch, variant)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+    def step(variant: Variant, index: int) -> None:
+        forward_backward(variant, index)
+        optimizers[variant.llava].step()
+        optimizers[variant.llava].zero_grad(set_to_none=True)
 
-    runs = {v.label: {"seconds": [], "peak": 0} for v in variants}
     for variant in variants:
-        step(batches[variant.packing][0], variant)  # allocates the optimizer state
-    for index in range(1, shape.steps + 1):
-        for variant in variants:
-            run, batch = runs[variant.label], batches[variant.packing][index]
-            run["seconds"].append(timed(lambda b=batch, v=variant: step(b, v)))
-    for variant in variants:  # memory on one more, untimed, step: the sampling thread would slow the timed ones
-        with peak_memory() as peak:
-            step(batches[variant.packing][1], variant)
-        runs[variant.label]["peak"] = peak.bytes
-    optimizer.zero_grad(set_to_none=True)
+        step(variant, 0)  # allocates the optimizer state
+    seconds = interleaved({v.label: (lambda i, v=v: step(v, i + 1)) for v in variants}, shape.steps)
     pad_id = workload.processor.tokenizer.pad_token_id
     results = {}
     for variant in variants:
-        run, timed_batches = runs[variant.label], batches[variant.packing][1:]
-        total = sum(run["seconds"])
-        flops_per_s = 0.0
-        if setting == "stage-2":  # the first timed step's FLOPs over its time
-            flops = count_flops(lambda v=variant, b=timed_batches[0]: forward_backward(b, v))
-            flops_per_s = flops / run["seconds"][0]
-            optimizer.zero_grad(set_to_none=True)
+        with peak_memory() as peak:
+            step(variant, 1)
+        timed_batches, times = batches[variant.packing][1:], seconds[variant.label]
         results[variant.label] = {
-            "seconds_per_step": statistics.median(run["seconds"]),
-            "spread": (min(run["seconds"]), max(run["seconds"])),
-            "samples_per_s": shape.batch_size * len(run["seconds"]) / total,
-            "tokens_per_s": sum(useful_tokens(b, pad_id) for b in timed_batches) / total,
-            "supervised_per_s": sum(supervised_tokens(b) for b in timed_batches) / total,
-            "peak_gib": run["peak"] / 2**30,
-            "flops_per_s": flops_per_s,
+            "seconds_per_step": statistics.median(times),
+            "spread": (min(times), max(times)),
+            # medians of per-step rates: one hiccup of the machine does not move them
+            "samples_per_s": statistics.median(shape.batch_size / t for t in times),
+            "tokens_per_s": statistics.median(useful_tokens(b, pad_id) / t for b, t in zip(timed_batches, times)),
+            "supervised_per_s": statistics.median(supervised_tokens(b) / t for b, t in zip(timed_batches, times)),
+            "peak_gib": peak.gib,
+            "flops_per_s": 0.0,
         }
-        if not variant.llava and setting == "stage-2":
-            results[variant.label]["mask_share"] = mask_seconds(model, timed_batches, variant) / total
+        if setting == "stage-2":  # the first timed step's FLOPs over its time
+            flops = count_flops(lambda v=variant: forward_backward(v, 1))
+            optimizers[variant.llava].zero_grad(set_to_none=True)
+            results[variant.label]["flops_per_s"] = flops / times[0]
+            if not variant.llava:
+                mask = mask_seconds(models[False], timed_batches, variant)
+                results[variant.label]["mask_share"] = mask / sum(times)
     return results
 
 
@@ -282,9 +291,9 @@ def mask_seconds(model, batches: list[dict], variant: Variant) -> float:
     return sum(median_time(lambda b=b: build(b), repeats=5) for b in batches)
 
 
-def generation(model, shape: Shape, workload: Workload, batch_size: int) -> dict:
-    """Prefill latency (prompt with image → first logits) and decode tokens/s, from generate(n) − generate(1)."""
-    model.eval().to(shape.dtype)
+def generation(models, shape: Shape, workload: Workload, variants: list[Variant], batch_size: int) -> dict:
+    """Prefill latency (prompt with image → first logits) and decode tokens/s, from generate(n) − generate(1), the
+    variants taking turns; peak memory on an extra generate(n)."""
     processor = workload.processor
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}],
@@ -294,36 +303,62 @@ def generation(model, shape: Shape, workload: Workload, batch_size: int) -> dict
     inputs = {k: (v.to(shape.dtype) if v.is_floating_point() else v).to(device()) for k, v in inputs.items()}
     n = shape.new_tokens
 
-    def generate(tokens: int) -> None:
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    def run(variant: Variant, new_tokens: int | None) -> None:
+        model = models[variant.llava]
+        if not variant.llava:
+            model.config.attn_mode = variant.attn_mode
+        if new_tokens is None:  # prefill only
+            model(**inputs, use_cache=True, logits_to_keep=1)
+        else:
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
 
-    with torch.no_grad(), peak_memory() as peak:
-        prefill = median_time(lambda: model(**inputs, use_cache=True, logits_to_keep=1), repeats=shape.repeats)
-        first = median_time(lambda: generate(1), repeats=shape.repeats)
-        full = median_time(lambda: generate(n), repeats=shape.repeats)
-    return {"prefill_s": prefill, "decode_per_s": batch_size * (n - 1) / (full - first), "peak_gib": peak.gib}
+    with torch.no_grad():
+        for variant in variants:
+            run(variant, 2)  # warm-up
+        medians = {}
+        for tokens in (None, 1, n):
+            calls = {v.label: (lambda i, v=v, t=tokens: run(v, t)) for v in variants}
+            medians[tokens] = {label: statistics.median(t) for label, t in interleaved(calls, shape.repeats).items()}
+        results = {}
+        for variant in variants:
+            with peak_memory() as peak:
+                run(variant, n)
+            full, first = medians[n][variant.label], medians[1][variant.label]
+            results[variant.label] = {
+                "prefill_s": medians[None][variant.label],
+                "decode_per_s": batch_size * (n - 1) / (full - first),
+                "peak_gib": peak.gib,
+            }
+    return results
 
 
 def bench_shape(shape: Shape, tokenizer) -> dict:
     print(f"\n== {shape.name}: {shape.description}", flush=True)
     workload = build_workload(shape, tokenizer)
+    models = build_models(shape, workload)
     results: dict[str, dict] = {v.label: {} for v in VARIANTS}
-    for llava in (True, False):  # one model each for LLaVA and for valign's variants (its modes share weights)
-        variants = [v for v in VARIANTS if v.llava == llava]
-        model = build_model(shape, workload, llava)
-        if not llava:
-            results["valign hybrid, packed"]["loss_gap"] = packing_loss_gap(model, workload)
-        for setting in ("stage-1", "stage-2"):
-            for label, result in train(model, shape, workload, variants, setting).items():
-                results[label][setting] = result
+    results["valign hybrid, packed"]["loss_gap"] = packing_loss_gap(models[False], workload)
+    for setting in ("stage-1", "stage-2"):
+        side_by_side = setting == "stage-1" or fits_side_by_side(models)
+        groups = [VARIANTS] if side_by_side else [[v for v in VARIANTS if v.llava == llava] for llava in (True, False)]
+        for group in groups:  # without room for two optimizer states: LLaVA alone, then valign's variants
+            for label, result in train(models, shape, workload, group, setting).items():
+                results[label][setting] = result | {"side_by_side": side_by_side}
                 print(f"{label:24s} {setting}: {result['seconds_per_step']:.3f} s/step", flush=True)
-        for variant in (v for v in variants if not v.packing):  # generation does not pack
-            if not llava:
-                model.config.attn_mode = variant.attn_mode
-            results[variant.label]["generation"] = {b: generation(model, shape, workload, b) for b in (1, 8)}
-        del model
-        release_memory()
+            release_memory()
+    for model in models.values():
+        model.eval().to(shape.dtype)
+    unpacked = [v for v in VARIANTS if not v.packing]  # generation does not pack
+    for batch in (1, 8):
+        for label, result in generation(models, shape, workload, unpacked, batch).items():
+            results[label].setdefault("generation", {})[batch] = result
     return {"shape": shape, "workload": workload, "variants": results}
+
+
+def padding_share(workload: Workload) -> float:
+    pad_id = workload.processor.tokenizer.pad_token_id
+    batches = workload.batches[False][1:]
+    return 1 - sum(useful_tokens(b, pad_id) for b in batches) / sum(b["input_ids"].numel() for b in batches)
 
 
 def ratio(value: float, reference: float) -> str:
@@ -358,6 +393,12 @@ def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
                 f"{r['tokens_per_s']:.0f} | {r['supervised_per_s']:.0f} | "
                 f"{ratio(r['samples_per_s'], ref['samples_per_s'])} | {r['peak_gib']:.2f} GiB |"
             )
+    if not reference["stage-2"]["side_by_side"]:
+        lines += [
+            "",
+            "Stage-2: two models' AdamW state does not fit in memory here, so LLaVA's steps ran just before valign's "
+            "(which took turns among themselves); everything else took turns across all variants.",
+        ]
     lines += ["", "| variant | batch | prefill latency | vs LLaVA | decode tokens/s | vs LLaVA | peak memory |"]
     lines.append("|---|---|---|---|---|---|---|")
     for label, row in variants.items():
@@ -388,6 +429,9 @@ def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
         f"{hybrid['mask_share']:.2%} (packed: {packed['mask_share']:.2%}); the processor and collator making the "
         f"batch {workload.collate_seconds[False] / step_seconds:.1%} (packed: "
         f"{workload.collate_seconds[True] / step_seconds:.1%}; a DataLoader worker overlaps it with the step).",
+        "",
+        f"Padding is {padding_share(workload):.0%} of the padded batches' token slots, so removing it can speed a "
+        f"step up by at most {1 / (1 - padding_share(workload)):.2f}× (the rest of the step does not shrink).",
         "",
         "Packed vs padded (valign hybrid, stage-2): non-padding tokens/s "
         f"{ratio(packed['tokens_per_s'], hybrid['tokens_per_s'])}, "
