@@ -1,7 +1,7 @@
 """valign against transformers' LLaVA built from identical parts (random weights), in one process and run.
 
 Training steps (stage-1: towers frozen; stage-2: everything trains; forward + backward + AdamW) on caption
-batches from the embedded data, padded and packed; caption generation (prefill latency, decode tokens/s at batch 1
+batches from the embedded data, padded and packed; caption generation (time to first token, decode tokens/s at batch 1
 and 8); peak memory of each; achieved FLOP/s against the machine's matmul rate; the attention mask's and the
 processor's time as a share of a step. Results replace the measured section of BENCHMARKS.md.
 
@@ -18,6 +18,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +34,11 @@ from harness import (
     median_time,
     peak_memory,
     release_memory,
+    synchronize,
     timed,
 )
 from llava_twin import llava_twin
-from transformers import Qwen2Config, SiglipVisionConfig
+from transformers import Qwen2Config, SiglipVisionConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
@@ -104,7 +106,7 @@ def shapes() -> dict[str, Shape]:
             "small", "the offline demo's model (DemoSizes)", small_config, 16, 256, 12, 32, torch.float32, 7
         ),
         "paper": Shape(
-            "paper", "SigLIP so400m-patch14-224 + Qwen2.5-0.5B", paper_config, 4, 1024, 2, 16, paper_dtype, 2
+            "paper", "SigLIP so400m-patch14-224 + Qwen2.5-0.5B", paper_config, 4, 1024, 2, 16, paper_dtype, 3
         ),
     }
 
@@ -291,9 +293,21 @@ def mask_seconds(model, batches: list[dict], variant: Variant) -> float:
     return sum(median_time(lambda b=b: build(b), repeats=5) for b in batches)
 
 
+class TokenClock(StoppingCriteria):
+    """Never stops generation; records when each new token is ready (generate calls it once per token)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def generation(models, shape: Shape, workload: Workload, variants: list[Variant], batch_size: int) -> dict:
-    """Prefill latency (prompt with image → first logits) and decode tokens/s, from generate(n) − generate(1), the
-    variants taking turns; peak memory on an extra generate(n)."""
+    """Time to the first token (prefill: vision tower, projector, prompt) and decode tokens/s between the first and
+    the last token, from the same generate calls, the variants taking turns; peak memory on an extra call."""
     processor = workload.processor
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}],
@@ -302,31 +316,39 @@ def generation(models, shape: Shape, workload: Workload, variants: list[Variant]
     inputs = processor(images=workload.images[:batch_size], text=[prompt] * batch_size)
     inputs = {k: (v.to(shape.dtype) if v.is_floating_point() else v).to(device()) for k, v in inputs.items()}
     n = shape.new_tokens
+    clocks: dict[str, list[tuple[float, float]]] = {v.label: [] for v in variants}
 
-    def run(variant: Variant, new_tokens: int | None) -> None:
+    def run(variant: Variant) -> None:
         model = models[variant.llava]
         if not variant.llava:
             model.config.attn_mode = variant.attn_mode
-        if new_tokens is None:  # prefill only
-            model(**inputs, use_cache=True, logits_to_keep=1)
-        else:
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        clock = TokenClock()
+        synchronize()
+        start = time.perf_counter()
+        model.generate(
+            **inputs,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        )
+        clocks[variant.label].append(
+            (clock.times[0] - start, batch_size * (n - 1) / (clock.times[-1] - clock.times[0]))
+        )
 
     with torch.no_grad():
         for variant in variants:
-            run(variant, 2)  # warm-up
-        medians = {}
-        for tokens in (None, 1, n):
-            calls = {v.label: (lambda i, v=v, t=tokens: run(v, t)) for v in variants}
-            medians[tokens] = {label: statistics.median(t) for label, t in interleaved(calls, shape.repeats).items()}
+            run(variant)  # warm-up
+            clocks[variant.label].clear()
+        interleaved({v.label: (lambda i, v=v: run(v)) for v in variants}, shape.repeats)
         results = {}
         for variant in variants:
             with peak_memory() as peak:
-                run(variant, n)
-            full, first = medians[n][variant.label], medians[1][variant.label]
+                run(variant)
+            measured = clocks[variant.label][: shape.repeats]
             results[variant.label] = {
-                "prefill_s": medians[None][variant.label],
-                "decode_per_s": batch_size * (n - 1) / (full - first),
+                "prefill_s": statistics.median(first for first, _ in measured),
+                "decode_per_s": statistics.median(rate for _, rate in measured),
                 "peak_gib": peak.gib,
             }
     return results
@@ -399,7 +421,7 @@ def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
             "Stage-2: two models' AdamW state does not fit in memory here, so LLaVA's steps ran just before valign's "
             "(which took turns among themselves); everything else took turns across all variants.",
         ]
-    lines += ["", "| variant | batch | prefill latency | vs LLaVA | decode tokens/s | vs LLaVA | peak memory |"]
+    lines += ["", "| variant | batch | time to first token | vs LLaVA | decode tokens/s | vs LLaVA | peak memory |"]
     lines.append("|---|---|---|---|---|---|---|")
     for label, row in variants.items():
         for batch, g in row.get("generation", {}).items():
