@@ -97,15 +97,17 @@ def positions_from_padding(attention_mask: torch.Tensor | None, batch: int, q: i
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q:]
 
 
+def may_be_packed(position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> bool:
+    """transformers' padding-free convention (`DataCollatorWithFlattening`, TRL's `padding_free`): no attention
+    mask, and position ids that restart at 0 where each packed sample begins."""
+    return position_ids is not None and attention_mask is None
+
+
 def packed_document_ids(
     position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, past_length: int
 ) -> torch.Tensor | None:
-    """Sample index per token for padding-free packed rows, else None.
-
-    transformers' convention (`DataCollatorWithFlattening`, TRL's `padding_free`): no attention mask, and position
-    ids that restart at 0 where each packed sample begins.
-    """
-    if position_ids is None or attention_mask is not None or past_length > 0:
+    """Sample index per token for padding-free packed rows (see `may_be_packed`), else None."""
+    if not may_be_packed(position_ids, attention_mask) or past_length > 0:
         return None
     if not (position_ids[..., 1:] == 0).any():
         return None
@@ -453,7 +455,7 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            if position_ids is not None and attention_mask is None:
+            if may_be_packed(position_ids, attention_mask):
                 # Packed rows: a sample's first token is no target for the previous sample's last token.
                 labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
             if not (labels[:, 1:] != IGNORE_INDEX).any():

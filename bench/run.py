@@ -20,7 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -129,15 +129,12 @@ VARIANTS = [
 
 @dataclass
 class Workload:
-    """What every variant of a shape runs on: the processor, caption samples and their batches."""
+    """What every variant of a shape runs on: the processor, caption batches and images to caption."""
 
     processor: ValignProcessor
-    samples: list[dict]
     batches: dict[bool, list[dict]]  # packing -> batches
-    collate_seconds: dict[bool, float]
-    lengths: list[int]
-    supervised: list[int]
-    images: list = field(default_factory=list)
+    collate_seconds: dict[bool, float]  # median time the collator took for one batch
+    images: list
 
 
 def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
@@ -153,22 +150,22 @@ def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
     count = shape.batch_size * (shape.steps + 1)
     dataset = adapt(make_caption_dataset(count, "recap", seed=seed, image_size=max(64, size)))
     samples = [dataset[i] for i in range(count)]
+    groups = [samples[i : i + shape.batch_size] for i in range(0, count, shape.batch_size)]
     batches, collate_seconds = {}, {}
     for packing in (False, True):
         collator = ConversationCollator(processor, shape.max_length, packing=packing)
-        groups = [samples[i : i + shape.batch_size] for i in range(0, count, shape.batch_size)]
-        batches[packing] = [collator(group) for group in groups]
-        collate_seconds[packing] = statistics.median(timed(lambda g=g, c=collator: c(g)) for g in groups)
-    encoded = [ConversationCollator(processor, shape.max_length).encode(s) for s in samples]
-    return Workload(
-        processor,
-        samples,
-        batches,
-        collate_seconds,
-        [len(e["input_ids"]) for e in encoded],
-        [int((e["labels"] != IGNORE_INDEX).sum()) for e in encoded],
-        [s["image"] for s in samples[:8]],
-    )
+        batches[packing] = []
+        seconds = [timed(lambda g=g, c=collator, b=batches[packing]: b.append(c(g))) for g in groups]
+        collate_seconds[packing] = statistics.median(seconds)
+    return Workload(processor, batches, collate_seconds, [s["image"] for s in samples[:8]])
+
+
+def sample_lengths(workload: Workload) -> tuple[list[int], list[int]]:
+    """Tokens and supervised tokens of each sample, read off the padded batches."""
+    padded = workload.batches[False]
+    lengths = [n for b in padded for n in b["attention_mask"].sum(1).tolist()]
+    supervised = [n for b in padded for n in (b["labels"] != IGNORE_INDEX).sum(1).tolist()]
+    return lengths, supervised
 
 
 def build_models(shape: Shape, workload: Workload) -> dict[bool, torch.nn.Module]:
@@ -390,7 +387,7 @@ def ratio(value: float, reference: float) -> str:
 def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
     shape, workload, variants = result["shape"], result["workload"], result["variants"]
     reference = variants[VARIANTS[0].label]
-    lengths, supervised = workload.lengths, workload.supervised
+    lengths, supervised = sample_lengths(workload)
     dtype = str(shape.dtype).replace("torch.", "")
     lines = [
         f"### {shape.name}: {shape.description}",
