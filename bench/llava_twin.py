@@ -3,6 +3,9 @@ benchmark compares against, and the model valign's causal mode must agree with (
 
 from __future__ import annotations
 
+import itertools
+
+import torch
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
 from valign import ValignForConditionalGeneration
@@ -28,12 +31,20 @@ def llava_config_of(model: ValignForConditionalGeneration) -> LlavaConfig:
 
 
 def llava_twin(model: ValignForConditionalGeneration) -> LlavaForConditionalGeneration:
-    """A LLaVA with valign's vision tower, projector, language model and head, weights copied."""
-    llava = LlavaForConditionalGeneration(llava_config_of(model)).to(model.dtype)
-    unwrap_vision_encoder(llava.model.vision_tower).load_state_dict(model.model.vision_tower.state_dict())
-    llava.model.multi_modal_projector.load_state_dict(model.model.multi_modal_projector.state_dict())
-    llava.model.language_model.load_state_dict(model.model.language_model.state_dict())
-    llava.lm_head.load_state_dict(model.lm_head.state_dict())
+    """A LLaVA whose vision tower, projector, language model and head *are* valign's modules (shared, not copied):
+    both compute from the same weights, and training either needs one set of weights, gradients and AdamW state."""
+    with torch.device("meta"):  # LLaVA's own parts are replaced below: never allocate them
+        llava = LlavaForConditionalGeneration(llava_config_of(model))
+    tower = llava.model.vision_tower
+    if unwrap_vision_encoder(tower) is tower:
+        llava.model.vision_tower = model.model.vision_tower
+    else:  # transformers 4.x: keep the wrapper LLaVA calls, holding valign's encoder
+        tower.vision_model = model.model.vision_tower
+    llava.model.multi_modal_projector = model.model.multi_modal_projector
+    llava.model.language_model = model.model.language_model
+    llava.lm_head = model.lm_head
+    if any(t.is_meta for t in itertools.chain(llava.parameters(), llava.buffers())):
+        raise RuntimeError("LLaVA holds a part valign does not share: the comparison would be meaningless")
     llava.generation_config.pad_token_id = model.generation_config.pad_token_id
     llava.generation_config.eos_token_id = model.generation_config.eos_token_id
     return llava.eval()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import re
 import statistics
@@ -103,7 +102,7 @@ def shapes() -> dict[str, Shape]:
     paper_dtype = torch.bfloat16 if torch.cuda.is_available() or cpu_supports_bf16() else torch.float32
     return {
         "small": Shape(
-            "small", "the offline demo's model (DemoSizes)", small_config, 16, 256, 12, 32, torch.float32, 7
+            "small", "the offline demo's model (DemoSizes)", small_config, 16, 256, 12, 32, torch.float32, 25
         ),
         "paper": Shape(
             "paper", "SigLIP so400m-patch14-224 + Qwen2.5-0.5B", paper_config, 4, 1024, 2, 16, paper_dtype, 3
@@ -184,17 +183,10 @@ def interleaved(calls: dict[str, Callable[[int], object]], rounds: int) -> dict[
     of a shared machine hits every variant alike."""
     seconds: dict[str, list[float]] = {label: [] for label in calls}
     for index in range(rounds):
-        for label, call in calls.items():
+        order = list(calls.items())
+        for label, call in order if index % 2 == 0 else reversed(order):  # nobody always goes first
             seconds[label].append(timed(lambda c=call, i=index: c(i)))
     return seconds
-
-
-def fits_side_by_side(models: dict[bool, torch.nn.Module]) -> bool:
-    """Whether both models can hold full AdamW training state (weights, gradients, two moments) at once."""
-    need = sum(16 * sum(p.numel() for p in m.parameters()) for m in models.values())
-    if torch.cuda.is_available():
-        return need < 0.6 * torch.cuda.mem_get_info()[0]
-    return need < 0.6 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def to_device(batch: dict) -> dict:
@@ -212,12 +204,11 @@ def supervised_tokens(batch: dict) -> int:
 def train(models, shape: Shape, workload: Workload, variants: list[Variant], setting: str) -> dict[str, dict]:
     """Time `shape.steps` optimizer steps per variant, taking turns, after one warm-up step each; memory and FLOPs
     are measured on extra, untimed steps (a sampling thread or a FLOP counter would slow the timed ones)."""
-    optimizers = {}
-    for llava in {v.llava for v in variants}:
-        model = models[llava].train()
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad = setting == "stage-2" or "multi_modal_projector" in name
-        optimizers[llava] = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    for model in models.values():  # the twin shares valign's parameters: one AdamW state serves both
+        model.train()
+    for name, parameter in models[False].named_parameters():
+        parameter.requires_grad = setting == "stage-2" or "multi_modal_projector" in name
+    optimizer = torch.optim.AdamW([p for p in models[False].parameters() if p.requires_grad], lr=1e-6)
     batches = {packing: [to_device(b) for b in workload.batches[packing]] for packing in (False, True)}
     autocast = torch.autocast(device().type, dtype=shape.dtype, enabled=shape.dtype != torch.float32)
 
@@ -231,11 +222,11 @@ def train(models, shape: Shape, workload: Workload, variants: list[Variant], set
 
     def step(variant: Variant, index: int) -> None:
         forward_backward(variant, index)
-        optimizers[variant.llava].step()
-        optimizers[variant.llava].zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     for variant in variants:
-        step(variant, 0)  # allocates the optimizer state
+        step(variant, 0)  # warm-up; the first one allocates the optimizer state
     seconds = interleaved({v.label: (lambda i, v=v: step(v, i + 1)) for v in variants}, shape.steps)
     pad_id = workload.processor.tokenizer.pad_token_id
     results = {}
@@ -244,6 +235,7 @@ def train(models, shape: Shape, workload: Workload, variants: list[Variant], set
             step(variant, 1)
         timed_batches, times = batches[variant.packing][1:], seconds[variant.label]
         results[variant.label] = {
+            "seconds": times,  # per round, aligned across variants (same round, same samples)
             "seconds_per_step": statistics.median(times),
             "spread": (min(times), max(times)),
             # medians of per-step rates: one hiccup of the machine does not move them
@@ -255,7 +247,7 @@ def train(models, shape: Shape, workload: Workload, variants: list[Variant], set
         }
         if setting == "stage-2":  # the first timed step's FLOPs over its time
             flops = count_flops(lambda v=variant: forward_backward(v, 1))
-            optimizers[variant.llava].zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=True)
             results[variant.label]["flops_per_s"] = flops / times[0]
             if not variant.llava:
                 mask = mask_seconds(models[False], timed_batches, variant)
@@ -329,9 +321,7 @@ def generation(models, shape: Shape, workload: Workload, variants: list[Variant]
             do_sample=False,
             stopping_criteria=StoppingCriteriaList([clock]),
         )
-        clocks[variant.label].append(
-            (clock.times[0] - start, batch_size * (n - 1) / (clock.times[-1] - clock.times[0]))
-        )
+        clocks[variant.label].append((clock.times[0] - start, clock.times[-1] - clock.times[0]))
 
     with torch.no_grad():
         for variant in variants:
@@ -342,10 +332,12 @@ def generation(models, shape: Shape, workload: Workload, variants: list[Variant]
         for variant in variants:
             with peak_memory() as peak:
                 run(variant)
-            measured = clocks[variant.label][: shape.repeats]
+            prefill, decode = zip(*clocks[variant.label][: shape.repeats])
             results[variant.label] = {
-                "prefill_s": statistics.median(first for first, _ in measured),
-                "decode_per_s": statistics.median(rate for _, rate in measured),
+                "prefill_seconds": prefill,  # per round, aligned across variants
+                "decode_seconds": decode,
+                "prefill_s": statistics.median(prefill),
+                "decode_per_s": batch_size * (n - 1) / statistics.median(decode),
                 "peak_gib": peak.gib,
             }
     return results
@@ -358,13 +350,10 @@ def bench_shape(shape: Shape, tokenizer) -> dict:
     results: dict[str, dict] = {v.label: {} for v in VARIANTS}
     results["valign hybrid, packed"]["loss_gap"] = packing_loss_gap(models[False], workload)
     for setting in ("stage-1", "stage-2"):
-        side_by_side = setting == "stage-1" or fits_side_by_side(models)
-        groups = [VARIANTS] if side_by_side else [[v for v in VARIANTS if v.llava == llava] for llava in (True, False)]
-        for group in groups:  # without room for two optimizer states: LLaVA alone, then valign's variants
-            for label, result in train(models, shape, workload, group, setting).items():
-                results[label][setting] = result | {"side_by_side": side_by_side}
-                print(f"{label:24s} {setting}: {result['seconds_per_step']:.3f} s/step", flush=True)
-            release_memory()
+        for label, result in train(models, shape, workload, VARIANTS, setting).items():
+            results[label][setting] = result
+            print(f"{label:24s} {setting}: {result['seconds_per_step']:.3f} s/step", flush=True)
+        release_memory()
     for model in models.values():
         model.eval().to(shape.dtype)
     unpacked = [v for v in VARIANTS if not v.packing]  # generation does not pack
@@ -380,8 +369,10 @@ def padding_share(workload: Workload) -> float:
     return 1 - sum(useful_tokens(b, pad_id) for b in batches) / sum(b["input_ids"].numel() for b in batches)
 
 
-def ratio(value: float, reference: float) -> str:
-    return f"{value / reference:.2f}×" if reference else "–"
+def speedup(reference_seconds: list[float], seconds: list[float]) -> str:
+    """Median over rounds of reference time / time. Within a round the variants ran back to back, so a slow moment
+    of a shared machine cancels out of each ratio; above 1× the variant is faster than the reference."""
+    return f"{statistics.median(r / s for r, s in zip(reference_seconds, seconds)):.2f}×"
 
 
 def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
@@ -399,7 +390,7 @@ def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
         f"Packed rows hold up to {shape.max_length} tokens.",
         "",
         "| variant | setting | s/step, median (fastest–slowest) | samples/s | tokens/s (non-pad) | "
-        "supervised tokens/s | vs LLaVA | peak memory above weights |",
+        "supervised tokens/s | speed vs LLaVA | peak memory above weights |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, row in variants.items():
@@ -410,22 +401,20 @@ def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
                 f"| {label} | {setting} | {r['seconds_per_step']:.3f} ({fastest:.3f}–{slowest:.3f}) | "
                 f"{r['samples_per_s']:.1f} | "
                 f"{r['tokens_per_s']:.0f} | {r['supervised_per_s']:.0f} | "
-                f"{ratio(r['samples_per_s'], ref['samples_per_s'])} | {r['peak_gib']:.2f} GiB |"
+                f"{speedup(ref['seconds'], r['seconds'])} | {r['peak_gib']:.2f} GiB |"
             )
-    if not reference["stage-2"]["side_by_side"]:
-        lines += [
-            "",
-            "Stage-2: two models' AdamW state does not fit in memory here, so LLaVA's steps ran just before valign's "
-            "(which took turns among themselves); everything else took turns across all variants.",
-        ]
-    lines += ["", "| variant | batch | time to first token | vs LLaVA | decode tokens/s | vs LLaVA | peak memory |"]
+    lines += [
+        "",
+        "| variant | batch | time to first token | speed vs LLaVA | decode tokens/s | speed vs LLaVA | peak memory |",
+    ]
     lines.append("|---|---|---|---|---|---|---|")
     for label, row in variants.items():
         for batch, g in row.get("generation", {}).items():
             ref = reference["generation"][batch]
             lines.append(
-                f"| {label} | {batch} | {1000 * g['prefill_s']:.1f} ms | {ratio(g['prefill_s'], ref['prefill_s'])} | "
-                f"{g['decode_per_s']:.1f} | {ratio(g['decode_per_s'], ref['decode_per_s'])} | {g['peak_gib']:.2f} GiB |"
+                f"| {label} | {batch} | {1000 * g['prefill_s']:.1f} ms | "
+                f"{speedup(ref['prefill_seconds'], g['prefill_seconds'])} | {g['decode_per_s']:.1f} | "
+                f"{speedup(ref['decode_seconds'], g['decode_seconds'])} | {g['peak_gib']:.2f} GiB |"
             )
     peak = matmul[shape.dtype]
     hybrid, packed = variants["valign hybrid"]["stage-2"], variants["valign hybrid, packed"]["stage-2"]
@@ -452,10 +441,9 @@ def report_shape(result: dict, matmul: dict[torch.dtype, float]) -> str:
         f"Padding is {padding_share(workload):.0%} of the padded batches' token slots, so removing it can speed a "
         f"step up by at most {1 / (1 - padding_share(workload)):.2f}× (the rest of the step does not shrink).",
         "",
-        "Packed vs padded (valign hybrid, stage-2): non-padding tokens/s "
-        f"{ratio(packed['tokens_per_s'], hybrid['tokens_per_s'])}, "
-        f"supervised tokens/s {ratio(packed['supervised_per_s'], hybrid['supervised_per_s'])}; token slots per step "
-        f"{sum(b['input_ids'].numel() for b in workload.batches[True][1:])} packed vs "
+        "Packed vs padded (valign hybrid, stage-2; each step holds the same samples either way, so this is also the "
+        f"ratio of useful and of supervised tokens/s): {speedup(hybrid['seconds'], packed['seconds'])}; token slots "
+        f"over the timed steps {sum(b['input_ids'].numel() for b in workload.batches[True][1:])} packed vs "
         f"{sum(b['input_ids'].numel() for b in workload.batches[False][1:])} padded; largest loss difference on the "
         f"same batches and weights {variants['valign hybrid, packed']['loss_gap']:.1e}.",
     ]
@@ -466,8 +454,8 @@ def report(results: list[dict], matmul: dict[torch.dtype, float]) -> str:
     header = [
         f"Measured {datetime.date.today().isoformat()} by `bench/run.py` on {machine_description()}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}. "
-        "Random weights; LLaVA is `transformers.LlavaForConditionalGeneration` holding copies of valign's vision "
-        "tower, projector and language model (SDPA attention in both).",
+        "Random weights; LLaVA is `transformers.LlavaForConditionalGeneration` holding valign's own vision tower, "
+        "projector and language model (shared modules, SDPA attention in both); all variants take turns step by step.",
         "",
     ]
     return "\n".join(header + [report_shape(r, matmul) + "\n" for r in results]).rstrip()
