@@ -5,7 +5,7 @@ batches from the embedded data, padded and packed; caption generation (time to f
 and 8); peak memory of each; achieved FLOP/s against the machine's matmul rate; the attention mask's and the
 processor's time as a share of a step. Results replace the measured section of BENCHMARKS.md.
 
-    .venv/bin/python bench/run.py                 # small and paper shapes (CPU: about 15 minutes)
+    .venv/bin/python bench/run.py                 # small and paper shapes (CPU: about 30 minutes)
     .venv/bin/python bench/run.py --shapes small  # about a minute
 """
 
