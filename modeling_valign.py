@@ -125,6 +125,28 @@ def unwrap_vision_encoder(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def encoder_hidden_state(encoder: nn.Module, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
+    """`hidden_states[index]` of a vision encoder (0: the first layer's input, i ≥ 1: layer i's output), caught by
+    a hook on its layer: transformers 4.x's inner encoders, which valign holds, do not return hidden states."""
+    blocks = encoder.encoder
+    layers = blocks.layers if hasattr(blocks, "layers") else blocks.layer  # CLIP/SigLIP name it layers, DINOv2 layer
+    if not -len(layers) - 1 <= index <= len(layers):
+        raise ValueError(f"vision_feature_layer={index} is out of range for a {len(layers)}-layer vision encoder")
+    position = index % (len(layers) + 1)
+    caught: list[torch.Tensor] = []
+    if position == 0:
+        handle = layers[0].register_forward_pre_hook(lambda module, args: caught.append(args[0]))
+    else:
+        handle = layers[position - 1].register_forward_hook(
+            lambda module, args, output: caught.append(output[0] if isinstance(output, tuple) else output)
+        )
+    try:
+        encoder(pixel_values)
+    finally:
+        handle.remove()
+    return caught[0]
+
+
 @dataclass
 class ValignModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
@@ -201,8 +223,11 @@ class ValignModel(ValignPreTrainedModel):
         self._check_pixel_shape(pixel_values)
         layer = self.config.vision_feature_layer
         dtype = self.multi_modal_projector.linear_1.weight.dtype
-        outputs = self.vision_tower(pixel_values.to(dtype), output_hidden_states=layer != -1)
-        hidden = outputs.last_hidden_state if layer == -1 else outputs.hidden_states[layer]
+        pixel_values = pixel_values.to(dtype)
+        if layer == -1:
+            hidden = self.vision_tower(pixel_values).last_hidden_state
+        else:
+            hidden = encoder_hidden_state(self.vision_tower, pixel_values, layer)
         patches = hidden[:, -self.config.image_seq_length :]  # drop leading CLS / register tokens
         return self.multi_modal_projector(patches)
 

@@ -11,6 +11,8 @@ from conftest import CURRENT_PYTHON, other_major_python, run_script
 from safetensors.torch import load_file
 from scripts.crossload import fixed_batch
 
+from valign import ValignForConditionalGeneration
+
 
 def scores(python, folder: Path, tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
     out = tmp_path / f"{name}.safetensors"
@@ -47,6 +49,19 @@ def test_this_major_loads_the_other_majors_checkpoint_identically(tmp_path):
     there = scores(other_major_python(), folder, tmp_path, "there")
     here = scores(CURRENT_PYTHON, folder, tmp_path, "here")
     assert_same_outputs(here, there)
+
+
+def test_an_inner_vision_layer_reads_the_same_on_both_majors(checkpoint, model_and_processor, tmp_path):
+    # transformers 4.x's inner SigLIP returns no hidden states, so vision_feature_layer=-2 once failed there
+    model, processor = model_and_processor
+    folder = tmp_path / "layer-minus-2"
+    ValignForConditionalGeneration.from_pretrained(checkpoint, vision_feature_layer=-2).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    here = scores(CURRENT_PYTHON, folder, tmp_path, "here")
+    assert_same_outputs(scores(other_major_python(), folder, tmp_path, "there"), here)
+    with torch.no_grad():
+        last_layer = model(**fixed_batch(processor)).logits
+    assert (here["logits"] - last_layer).abs().max() > 1e-3  # the setting took effect
 
 
 def generated(python, folder: Path, tmp_path: Path, command: str, name: str):

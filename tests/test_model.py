@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompts, shape_image
-from transformers import CLIPVisionConfig, Dinov2Config, LlamaConfig
+from transformers import AutoModel, CLIPVisionConfig, Dinov2Config, LlamaConfig, SiglipVisionConfig
 
 from valign import ValignConfig, ValignForConditionalGeneration
+from valign.modeling_valign import encoder_hidden_state, unwrap_vision_encoder
 
 
 def one_batch(processor, colors=("red",), question="Describe."):
@@ -117,3 +118,18 @@ def test_encoders_with_a_cls_token_contribute_patch_tokens_only(vision_config, p
         torch.testing.assert_close(features, model.model.multi_modal_projector(hidden[:, prefix_tokens:]))
         ids = torch.tensor([[1, 2] + [5] * 16 + [7], [1, 2] + [5] * 16 + [8]])
         assert model(input_ids=ids, pixel_values=pixels).logits.shape == (2, 19, 64)
+
+
+@pytest.mark.parametrize("config_class", [SiglipVisionConfig, CLIPVisionConfig, Dinov2Config])
+def test_inner_vision_layers_are_read_like_transformers_hidden_states(config_class):
+    # valign catches hidden states with a hook (transformers 4.x's inner encoders return none); on this major the
+    # encoder returns them itself, and the two must agree, the embeddings (index 0) included
+    torch.manual_seed(0)
+    encoder = unwrap_vision_encoder(AutoModel.from_config(config_class(**TINY_VISION | {"num_hidden_layers": 3})))
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = encoder(pixels, output_hidden_states=True).hidden_states
+        for index in (0, 1, 3, -2, -4):
+            torch.testing.assert_close(encoder_hidden_state(encoder, pixels, index), reference[index], msg=str(index))
+        with pytest.raises(ValueError, match="out of range for a 3-layer vision encoder"):
+            encoder_hidden_state(encoder, pixels, -5)
