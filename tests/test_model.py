@@ -62,14 +62,18 @@ def gradients(model, batch, labels):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def test_gradient_checkpointing_gives_identical_gradients(checkpoint, model_and_processor):
+@pytest.mark.parametrize(("vision_feature_layer", "use_reentrant"), [(-1, False), (-2, False), (-2, True)])
+def test_gradient_checkpointing_gives_identical_gradients(
+    checkpoint, model_and_processor, vision_feature_layer, use_reentrant
+):
+    # an inner vision layer is caught by a hook (encoder_hidden_state): its gradients must survive checkpointing
     _, processor = model_and_processor
     batch = one_batch(processor, colors=("red", "blue"))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    model = ValignForConditionalGeneration.from_pretrained(checkpoint).train()
-    model.config.text_config.attention_dropout = 0.0
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint, vision_feature_layer=vision_feature_layer)
+    model.train().config.text_config.attention_dropout = 0.0
     plain = gradients(model, batch, labels)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     checkpointed = gradients(model, batch, labels)
     assert plain.keys() == checkpointed.keys() and any(k.startswith("model.vision_tower") for k in plain)
     for name in plain:
