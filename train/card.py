@@ -6,7 +6,8 @@ one), the demo's last stage with its evaluation results, and merged LoRA checkpo
 
 - Hub metadata: `pipeline_tag: image-text-to-text`, `library_name: transformers`, `base_model`, `datasets`,
   `license`, `tags`, `widget` examples and, when evaluation results exist, `model-index`;
-- usage with `AutoModelForImageTextToText` (transformers 5.x), `AutoModelForVision2Seq` (4.x) and the pipeline;
+- usage with `AutoModelForImageTextToText` (transformers 4.57 and 5.x; `AutoModelForVision2Seq` is 4.x's older
+  spelling) and the pipeline;
 - the training stage and configuration the checkpoint came from, evaluation, limitations and the citation.
 
 The usage snippets are tested: tests/test_card.py runs them against a saved checkpoint in fresh processes.
@@ -247,12 +248,9 @@ from transformers.image_utils import load_image
 repo_id = "{repo_id}"
 image = load_image("{EXAMPLE_IMAGE_URL}")
 
-# transformers 5.x: AutoModelForImageTextToText; transformers 4.x: AutoModelForVision2Seq
-if int(transformers.__version__.split(".")[0]) >= 5:
-    auto_model = transformers.AutoModelForImageTextToText
-else:
-    auto_model = transformers.AutoModelForVision2Seq
-model = auto_model.from_pretrained(repo_id, {pin}trust_remote_code=True)
+# AutoModelForImageTextToText works on transformers 4.57 and 5.x. On 4.x, AutoModelForVision2Seq (its older
+# spelling, removed in 5.0) keeps working too but prints a FutureWarning.
+model = transformers.AutoModelForImageTextToText.from_pretrained(repo_id, {pin}trust_remote_code=True)
 processor = transformers.AutoProcessor.from_pretrained(repo_id, {pin}trust_remote_code=True)
 
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "{CAPTION_PROMPT}"}}]}}]

@@ -21,7 +21,7 @@ import transformers
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
+AUTO_MODEL = transformers.AutoModelForImageTextToText  # 4.57 and 5.x (4.x's AutoModelForVision2Seq is deprecated)
 QUESTIONS = ["Describe the image.", "What shape is in the picture, and what colour is it?"]
 COLORS = ["red", "blue"]
 
