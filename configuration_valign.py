@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import transformers
 from transformers import AutoConfig, PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 ATTN_MODES = ("hybrid", "bidirectional", "causal")
 
@@ -40,14 +42,6 @@ DEFAULT_TEXT_CONFIG = {
     "eos_token_id": 151645,
 }
 QWEN_IMAGE_PAD_ID = 151655  # "<|image_pad|>" in the Qwen2.5 tokenizer
-# One config.json serves both majors: 4.x users reach the model through AutoModelForVision2Seq, which 5.x removed.
-AUTO_MAP = {
-    "AutoConfig": "configuration_valign.ValignConfig",
-    "AutoModel": "modeling_valign.ValignModel",
-    "AutoModelForVision2Seq": "modeling_valign.ValignForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_valign.ValignForConditionalGeneration",
-    "AutoProcessor": "processing_valign.ValignProcessor",
-}
 
 
 def _as_config(value: dict | PretrainedConfig | None, default: dict) -> PretrainedConfig:
@@ -55,17 +49,6 @@ def _as_config(value: dict | PretrainedConfig | None, default: dict) -> Pretrain
         return value
     kwargs = dict(default if value is None else value)
     return AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-
-
-def _portable_rope(text_config: dict) -> dict:
-    """Write the RoPE base under both spellings: transformers 5 reads `rope_parameters`, 4.x reads `rope_theta`.
-
-    Without this, a 5.x-saved checkpoint loads in 4.x with the default base of 10,000 and silently wrong logits.
-    """
-    rope = text_config.get("rope_parameters") or {}
-    if "rope_theta" in rope and text_config.get("rope_theta") is None:
-        text_config["rope_theta"] = rope["rope_theta"]
-    return text_config
 
 
 class ValignConfig(PretrainedConfig):
@@ -86,6 +69,10 @@ class ValignConfig(PretrainedConfig):
             norm, as PaliGemma and nanoVLM use SigLIP); other values index `hidden_states`.
         image_token_id (`int`, *optional*, defaults to 151655):
             Token id that stands for one image patch in `input_ids` (Qwen2.5's `<|image_pad|>`).
+        image_size (`int`, *optional*):
+            Side in pixels of the square images the vision encoder is fed, i.e. what the paired image processor
+            makes. Defaults to the encoder's own `image_size`; a different value (DINOv2 folders declare 518 while
+            their processor crops 224) makes the encoder interpolate its position embeddings.
         attn_mode (`str`, *optional*, defaults to `"hybrid"`):
             Attention policy applied inside `forward`: `"hybrid"` (image tokens of one image attend to each other
             both ways, the rest is causal), `"bidirectional"` (every token sees every token; alignment stage only)
@@ -104,6 +91,7 @@ class ValignConfig(PretrainedConfig):
         vision_feature_layer: int = -1,
         image_token_id: int = QWEN_IMAGE_PAD_ID,
         attn_mode: str = "hybrid",
+        image_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         if attn_mode not in ATTN_MODES:
@@ -115,6 +103,7 @@ class ValignConfig(PretrainedConfig):
         self.vision_feature_layer = vision_feature_layer
         self.image_token_id = image_token_id
         self.attn_mode = attn_mode
+        self.image_size = image_size or getattr(self.vision_config, "image_size", None)
         # The outer model owns lm_head, so it must know whether the language model ties it to its embeddings.
         kwargs["tie_word_embeddings"] = getattr(self.text_config, "tie_word_embeddings", False)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
@@ -126,7 +115,7 @@ class ValignConfig(PretrainedConfig):
         vision = self.vision_config
         if getattr(vision, "num_patches", None):  # SigLIP2 NaFlex counts patches directly
             return vision.num_patches
-        return (vision.image_size // vision.patch_size) ** 2
+        return (self.image_size // vision.patch_size) ** 2
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
@@ -135,3 +124,84 @@ class ValignConfig(PretrainedConfig):
 
 
 ValignConfig.register_for_auto_class()
+
+
+# ==== transformers version bridges =============================================================================
+# Every difference between the supported transformers releases (4.57 to 5.x) that valign has to bridge is handled
+# here and nowhere else. Each shim says which releases need it and when it can go.
+
+# 4.x reaches image-text models through AutoModelForVision2Seq, which 5.0 removed: one config.json names both.
+# Remove "AutoModelForVision2Seq" when 4.x support ends.
+AUTO_MAP = {
+    "AutoConfig": "configuration_valign.ValignConfig",
+    "AutoModel": "modeling_valign.ValignModel",
+    "AutoModelForVision2Seq": "modeling_valign.ValignForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_valign.ValignForConditionalGeneration",
+    "AutoProcessor": "processing_valign.ValignProcessor",
+}
+
+# 4.x's ProcessorMixin resolves its attributes' classes from these class-level names; 5.x infers them and warns when
+# they are named. Remove with 4.x support.
+PROCESSOR_NAMES_ATTRIBUTE_CLASSES = int(transformers.__version__.split(".")[0]) < 5
+
+# 5.24 renamed `past_key_values` to `cache`: in output classes, decoder keywords and what `generate` passes.
+# Older releases only know `past_key_values`. Remove when the oldest supported release is 5.24 or newer.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(cache: Any, past_key_values: Any) -> Any:
+    """The KV cache a caller passed, under either name (5.24's `cache`, or `past_key_values` before it)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
+
+
+def _portable_rope(text_config: dict) -> dict:
+    """Write the RoPE base under both spellings: 5.x reads `rope_parameters`, 4.x reads `rope_theta`.
+
+    Without this, a 5.x-saved checkpoint loads in 4.x with the default base of 10,000 and silently wrong logits.
+    Remove when 4.x support ends.
+    """
+    rope = text_config.get("rope_parameters") or {}
+    if "rope_theta" in rope and text_config.get("rope_theta") is None:
+        text_config["rope_theta"] = rope["rope_theta"]
+    return text_config
+
+
+def portable_tokenizer_config(config: dict) -> dict:
+    """A `tokenizer_config.json` both majors read the same way. Remove both fixes when 4.x support ends.
+
+    - 5.x writes `tokenizer_class: "TokenizersBackend"`, a class 4.x does not have.
+    - 5.x writes the additional special tokens as a list under `extra_special_tokens`; 4.x reads that field as a
+      dict of named tokens and fails (a misleading protobuf ImportError), but reads `additional_special_tokens`,
+      which 5.x still accepts and converts.
+    """
+    config = dict(config)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.get("extra_special_tokens")
+    if isinstance(extra, list):
+        del config["extra_special_tokens"]
+        config["additional_special_tokens"] = extra
+    return config
+
+
+# Some 5.x release before 5.23 renamed gradient checkpointing to activation checkpointing (`TrainingArguments`
+# fields and `PreTrainedModel` methods) and warns on the old names; 4.57 knows only the old ones. Remove with 4.x.
+def checkpointing_arguments(use_reentrant: bool = False) -> dict:
+    """`TrainingArguments` keywords that turn activation checkpointing on, in the installed release's names."""
+    from transformers import TrainingArguments
+
+    name = "activation_checkpointing"
+    if name not in TrainingArguments.__dataclass_fields__:
+        name = "gradient_checkpointing"
+    return {name: True, f"{name}_kwargs": {"use_reentrant": use_reentrant}}
+
+
+def enable_checkpointing(model: Any, use_reentrant: bool = False) -> None:
+    """Turn activation checkpointing on for `model` (a `PreTrainedModel` or a PEFT model around one)."""
+    kwargs = {"use_reentrant": use_reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

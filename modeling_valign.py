@@ -17,9 +17,9 @@ from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
-from transformers.utils import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .configuration_valign import ATTN_MODES, ValignConfig
+from .configuration_valign import ATTN_MODES, CACHE_NAME, ValignConfig, cache_argument
 
 # Kernels that take no arbitrary 4D mask: they would silently drop the image-bidirectional pattern.
 KERNELS_WITHOUT_CUSTOM_MASKS = ("flash_attention_2", "flash_attention_3", "flex_attention")
@@ -125,7 +125,7 @@ def unwrap_vision_encoder(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
-def encoder_hidden_state(encoder: nn.Module, pixel_values: torch.Tensor, index: int) -> torch.Tensor:
+def encoder_hidden_state(encoder: nn.Module, pixel_values: torch.Tensor, index: int, **encoder_kwargs) -> torch.Tensor:
     """`hidden_states[index]` of a vision encoder (0: the first layer's input, i ≥ 1: layer i's output), caught by
     a hook on its layer: transformers 4.x's inner encoders, which valign holds, do not return hidden states."""
     blocks = encoder.encoder
@@ -141,28 +141,23 @@ def encoder_hidden_state(encoder: nn.Module, pixel_values: torch.Tensor, index: 
             lambda module, args, output: caught.append(output[0] if isinstance(output, tuple) else output)
         )
     try:
-        encoder(pixel_values)
+        encoder(pixel_values, **encoder_kwargs)
     finally:
         handle.remove()
     return caught[0]
 
 
 @dataclass
-class ValignModelOutputWithPast(ModelOutput):
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class ValignModelOutputWithPast(BaseModelOutputWithPast):
+    """The decoder's output plus the projected image features (`(num_images, image_seq_length, width)`)."""
+
     image_hidden_states: torch.FloatTensor | None = None
 
 
 @dataclass
-class ValignCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class ValignCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """The language-model head's output plus the projected image features."""
+
     image_hidden_states: torch.FloatTensor | None = None
 
 
@@ -183,7 +178,7 @@ class ValignPreTrainedModel(PreTrainedModel):
     config_class = ValignConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True  # causal mode only; hybrid and bidirectional refuse it in forward
     _supports_attention_backend = True
@@ -224,16 +219,25 @@ class ValignModel(ValignPreTrainedModel):
         layer = self.config.vision_feature_layer
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         pixel_values = pixel_values.to(dtype)
+        kwargs = self._encoder_resolution_kwargs()
         if layer == -1:
-            hidden = self.vision_tower(pixel_values).last_hidden_state
+            hidden = self.vision_tower(pixel_values, **kwargs).last_hidden_state
         else:
-            hidden = encoder_hidden_state(self.vision_tower, pixel_values, layer)
+            hidden = encoder_hidden_state(self.vision_tower, pixel_values, layer, **kwargs)
         patches = hidden[:, -self.config.image_seq_length :]  # drop leading CLS / register tokens
         return self.multi_modal_projector(patches)
 
+    def _encoder_resolution_kwargs(self) -> dict:
+        """SigLIP and CLIP interpolate their position embeddings only when asked; DINOv2 always does."""
+        if self.config.image_size == self.config.vision_config.image_size:
+            return {}
+        if "interpolate_pos_encoding" in inspect.signature(self.vision_tower.forward).parameters:
+            return {"interpolate_pos_encoding": True}
+        return {}
+
     def _check_pixel_shape(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
-        expected = (getattr(vision, "num_channels", 3), vision.image_size, vision.image_size)
+        expected = (getattr(vision, "num_channels", 3), self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
             raise ValueError(
                 f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
@@ -277,18 +281,21 @@ class ValignModel(ValignPreTrainedModel):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         attn_mode: str | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> ValignModelOutputWithPast:
+        """`cache` is the KV cache (`past_key_values`, its name before transformers 5.24, is accepted too)."""
+        cache = cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds")
         mode = attn_mode or self.config.attn_mode
         if mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {mode!r}")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         document_ids = packed_document_ids(position_ids, attention_mask, past_length)
 
         if inputs_embeds is None:
@@ -318,17 +325,42 @@ class ValignModel(ValignPreTrainedModel):
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return ValignModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
         )
+
+
+def resolution_of(image_processor, encoder: nn.Module, vision_config) -> int:
+    """The side of the square images `image_processor` makes, checked against what `encoder` can take.
+
+    The processor decides, not the encoder's config: DINOv2 folders declare 518 px but crop 224. An encoder fed
+    another size than its config's must interpolate its position embeddings (SigLIP, CLIP and DINOv2 can).
+    """
+    from PIL import Image
+
+    probe = Image.new("RGB", (3 * vision_config.patch_size * 7, 2 * vision_config.patch_size * 7))  # 3:2, any size
+    height, width = image_processor(probe, return_tensors="pt")["pixel_values"].shape[-2:]
+    if height != width:
+        raise ValueError(f"the image processor makes {height}×{width} images: valign needs square ones")
+    if height % vision_config.patch_size:
+        raise ValueError(
+            f"the image processor makes {height}-px images, not a multiple of the {vision_config.patch_size}-px patches"
+        )
+    embeddings = getattr(unwrap_vision_encoder(encoder), "embeddings", None)
+    if height != vision_config.image_size and not hasattr(embeddings, "interpolate_pos_encoding"):
+        raise ValueError(
+            f"the image processor makes {height}-px images but the {vision_config.model_type} encoder was trained at "
+            f"{vision_config.image_size} px and cannot interpolate its position embeddings"
+        )
+    return int(height)
 
 
 class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
@@ -377,6 +409,8 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
         encoder = MODEL_MAPPING[type(vision_config)].from_pretrained(
             vision, config=vision_config, dtype=dtype, attn_implementation=attn_implementation
         )
+        image_processor = AutoImageProcessor.from_pretrained(vision)
+        image_size = resolution_of(image_processor, encoder, vision_config)
         lm = AutoModelForCausalLM.from_pretrained(
             text, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
         )
@@ -386,6 +420,7 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
             vision_config=vision_config,
             text_config=lm.config,
             image_token_id=tokenizer.convert_tokens_to_ids(image_token),
+            image_size=image_size,
             **config_kwargs,
         )
         model = cls(config)
@@ -402,7 +437,7 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
         vision_start, vision_end = "<|vision_start|>", "<|vision_end|>"
         has_wrap = all(token in tokenizer.get_vocab() for token in (vision_start, vision_end))
         processor = ValignProcessor(
-            image_processor=AutoImageProcessor.from_pretrained(vision),
+            image_processor=image_processor,
             tokenizer=tokenizer,
             image_seq_length=config.image_seq_length,
             image_token=image_token,
@@ -450,15 +485,18 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         attn_mode: str | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> ValignCausalLMOutputWithPast:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache; `past_key_values`, its name before transformers 5.24, is accepted too.
         labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*):
             Next-token targets, -100 where no loss is taken (prompt, image and padding tokens). The loss is the
             mean over supervised tokens; a batch without any raises instead of returning a meaningless 0 or NaN.
@@ -471,7 +509,7 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache_argument(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             attn_mode=attn_mode,
@@ -494,7 +532,7 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
         return ValignCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
@@ -502,7 +540,7 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, *args, pixel_values: torch.Tensor | None = None, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        cache = model_inputs.get("past_key_values")
+        cache = model_inputs.get(CACHE_NAME)
         # Images enter at prefill only; later steps read them from the KV cache (4.x would re-send them).
         if cache is None or cache.get_seq_length() == 0:
             model_inputs["pixel_values"] = pixel_values

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import transformers
 from PIL import Image, UnidentifiedImageError
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+from .configuration_valign import PROCESSOR_NAMES_ATTRIBUTE_CLASSES, portable_tokenizer_config
+
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
@@ -83,7 +83,7 @@ class ValignProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    if TRANSFORMERS_MAJOR < 5:  # 4.x resolves the attributes' classes by these names; 5.x infers them, warns if named
+    if PROCESSOR_NAMES_ATTRIBUTE_CLASSES:
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
 
@@ -103,6 +103,9 @@ class ValignProcessor(ProcessorMixin):
         self.vision_start_token = vision_start_token
         self.vision_end_token = vision_end_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token) if tokenizer is not None else None
+        if tokenizer is not None:
+            # Batched generation is only right with left padding, whatever the language model's tokenizer says.
+            tokenizer.padding_side = "left"
         super().__init__(image_processor, tokenizer, chat_template=chat_template or default_chat_template(image_token))
 
     @property
@@ -225,18 +228,20 @@ class ValignProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any):
         saved = super().save_pretrained(save_directory, **kwargs)
-        portable_tokenizer_config(Path(save_directory) / "tokenizer_config.json")
+        path = Path(save_directory) / "tokenizer_config.json"
+        if path.exists():
+            config = {**portable_tokenizer_config(json.loads(path.read_text())), "padding_side": "left"}
+            path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return saved
 
 
 def prepare_tokenizer(tokenizer, image_token: str):
-    """Make a language model's tokenizer ready for valign: image and ChatML tokens, a pad token, left padding."""
+    """Make a language model's tokenizer ready for valign: image and ChatML tokens and a pad token."""
     missing = [t for t in (image_token, "<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
-    tokenizer.padding_side = "left"  # batched generation is only right with left padding
     return tokenizer
 
 
@@ -244,16 +249,6 @@ def pad_offsets(offsets: list[tuple[int, int]], width: int, side: str) -> list[t
     """Pad offsets like the ids they describe; (0, 0) is the zero-width span of a padding token."""
     fill = [(0, 0)] * (width - len(offsets))
     return fill + offsets if side == "left" else offsets + fill
-
-
-def portable_tokenizer_config(path: Path) -> None:
-    """Name a tokenizer class both transformers majors know (5.x writes "TokenizersBackend", unknown to 4.x)."""
-    if not path.exists():
-        return
-    config = json.loads(path.read_text())
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
 ValignProcessor.register_for_auto_class()

@@ -8,6 +8,7 @@ from conftest import prompts, shape_image
 from transformers import AutoModel, CLIPVisionConfig, Dinov2Config, LlamaConfig, SiglipVisionConfig
 
 from valign import ValignConfig, ValignForConditionalGeneration
+from valign.configuration_valign import enable_checkpointing
 from valign.modeling_valign import encoder_hidden_state, unwrap_vision_encoder
 
 
@@ -73,7 +74,7 @@ def test_gradient_checkpointing_gives_identical_gradients(
     model = ValignForConditionalGeneration.from_pretrained(checkpoint, vision_feature_layer=vision_feature_layer)
     model.train().config.text_config.attention_dropout = 0.0
     plain = gradients(model, batch, labels)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    enable_checkpointing(model, use_reentrant)
     checkpointed = gradients(model, batch, labels)
     assert plain.keys() == checkpointed.keys() and any(k.startswith("model.vision_tower") for k in plain)
     for name in plain:
@@ -126,13 +127,14 @@ def test_encoders_with_a_cls_token_contribute_patch_tokens_only(vision_config, p
 
 @pytest.mark.parametrize("config_class", [SiglipVisionConfig, CLIPVisionConfig, Dinov2Config])
 def test_inner_vision_layers_are_read_like_transformers_hidden_states(config_class):
-    # valign catches hidden states with a hook (transformers 4.x's inner encoders return none); on this major the
-    # encoder returns them itself, and the two must agree, the embeddings (index 0) included
+    # valign catches hidden states with a hook on the inner encoder it holds (transformers 4.x's return none); the
+    # full model returns them itself, and the two must agree, the embeddings (index 0) included
     torch.manual_seed(0)
-    encoder = unwrap_vision_encoder(AutoModel.from_config(config_class(**TINY_VISION | {"num_hidden_layers": 3})))
+    full = AutoModel.from_config(config_class(**TINY_VISION | {"num_hidden_layers": 3}))
+    encoder = unwrap_vision_encoder(full)
     pixels = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        reference = encoder(pixels, output_hidden_states=True).hidden_states
+        reference = full(pixels, output_hidden_states=True).hidden_states
         for index in (0, 1, 3, -2, -4):
             torch.testing.assert_close(encoder_hidden_state(encoder, pixels, index), reference[index], msg=str(index))
         with pytest.raises(ValueError, match="out of range for a 3-layer vision encoder"):

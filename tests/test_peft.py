@@ -19,6 +19,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from scripts.crossload import fixed_batch
 
+from valign.configuration_valign import enable_checkpointing
 from valign.eval.generate import DecodingSettings, generate_answers, load_checkpoint
 from valign.eval.vqa import answer_prior, prior_predictions
 from valign.eval.vqa_metrics import score_vqa
@@ -139,7 +140,7 @@ def lora_gradients(checkpoint: Path, samples: list[dict], use_reentrant: bool | 
     model, processor = fresh_lora(checkpoint)
     model.train()
     if use_reentrant is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        enable_checkpointing(model, use_reentrant)
         model.enable_input_require_grads()
         assert model.get_base_model().model.language_model.layers[0].gradient_checkpointing
     batch = ConversationCollator(processor)(samples)

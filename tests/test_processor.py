@@ -39,9 +39,8 @@ def test_chat_template_has_no_default_system_prompt_and_marks_answers(model_and_
     assert text == "<|im_start|>user\n<|image_pad|>What shape?<|im_end|>\n<|im_start|>assistant\ncircle<|im_end|>\n"
     with_system = processor.apply_chat_template([{"role": "system", "content": "Be brief."}, *conversation])
     assert with_system.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
-    out = processor.apply_chat_template(
-        conversation, tokenize=True, return_dict=True, return_assistant_tokens_mask=True, images=[shape_image("red")]
-    )
+    with_image = [*chat("What shape?", shape_image("red")), conversation[1]]  # as the collator passes it
+    out = processor.apply_chat_template(with_image, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, answer_mask = torch.as_tensor(out["input_ids"]).flatten(), torch.as_tensor(out["assistant_masks"]).flatten()
     assert processor.tokenizer.decode(ids[answer_mask.bool()]) == "circle<|im_end|>"
 

@@ -31,13 +31,14 @@ from huggingface_hub import EvalResult, HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from ..configuration_valign import checkpointing_arguments
 from ..eval.generate import load_checkpoint
 from ..eval.vqa import evaluate_vqa
 from .card import Benchmark, eval_results_from_json, model_card
 from .collator import ConversationCollator
 from .data import DEFAULT_VQA_INSTRUCTION, EASY_VQA, adapt, decode_image, load_rows
 from .hub import STAGE_FILE_PATTERNS, push_stage, stage_files
-from .run import checkpointing_arguments, warmup_argument
+from .run import warmup_argument
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def training_arguments(settings: FinetuneSettings, output_dir: str | Path) -> Tr
         **warmup_argument(settings.warmup_ratio),
         weight_decay=settings.weight_decay,
         bf16=settings.bf16,
-        **checkpointing_arguments(settings.gradient_checkpointing),
+        **(checkpointing_arguments() if settings.gradient_checkpointing else {}),
         save_strategy="no",  # the adapter is saved once, at the end
         logging_steps=settings.logging_steps,
         seed=settings.seed,

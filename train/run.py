@@ -19,6 +19,7 @@ from torch.utils.data import ConcatDataset
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..configuration_valign import checkpointing_arguments
 from ..modeling_valign import ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
 from .collator import ConversationCollator
@@ -89,13 +90,6 @@ def warmup_argument(ratio: float) -> dict[str, float]:
     return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
 
 
-def checkpointing_arguments(enabled: bool) -> dict:
-    # Only named when on: transformers 5 renamed the field and warns whenever the old name is passed.
-    return (
-        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}} if enabled else {}
-    )
-
-
 def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(output_dir / "checkpoints"),
@@ -109,7 +103,7 @@ def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArgumen
         max_grad_norm=config.max_grad_norm,
         bf16=config.precision == "bf16",
         fp16=config.precision == "fp16",
-        **checkpointing_arguments(config.gradient_checkpointing),
+        **(checkpointing_arguments() if config.gradient_checkpointing else {}),
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=2,
