@@ -158,7 +158,7 @@ class ValignProcessor(ProcessorMixin):
             self.tokenizer.pad(
                 {"input_ids": [ids[kept] for ids, kept in zip(encoded["input_ids"], rows)]},
                 padding=padding,
-                max_length=max_length,
+                max_length=max_length if padding == "max_length" else None,  # rows were cut to it above
                 pad_to_multiple_of=pad_to_multiple_of,
                 padding_side=padding_side,
                 return_tensors=return_tensors,
