@@ -5,8 +5,12 @@
     python crossload.py generate FOLDER OUT.json        greedy continuations of that batch with `generate`
     python crossload.py pipeline FOLDER OUT.json        the image-text-to-text pipeline, one chat and a batch of two
     python crossload.py build FOLDER                    build and save a tiny checkpoint with this major
+    python crossload.py real-shapes SPEC.json           build checkpoints from backbones shaped like the real ones
+                                                        and report on them, then load and report on other folders
+                                                        (SPEC: {"build": [[FOLDER, VISION, TEXT, OUT], ...],
+                                                        "load": [[FOLDER, OUT], ...]}; see `report`)
 
-Only `build` imports valign; the others load the folder as Hub remote code, as a user would. FOLDER may also be a
+Only building imports valign; every folder is loaded as Hub remote code, as a user would. FOLDER may also be a
 Hub repo id (with `HF_ENDPOINT` set), and `score` takes the branch, tag or commit to load.
 """
 
@@ -73,6 +77,59 @@ def pipeline(folder: str, out: str) -> None:
     Path(out).write_text(json.dumps(answers))
 
 
+# Two prompts of different lengths, so a batch of them is padded.
+CHAT_QUESTIONS = ["Describe the image.", "What shape is in the picture, and what colour is it? Answer in 3 words."]
+
+
+def report(model, processor, out: str) -> None:
+    """What a user gets from a checkpoint, for a fixed chat: `OUT.safetensors` (input ids, attention mask, pixels,
+    logits, batched generation) and `OUT.json` (prompts, padding side, special tokens, one-by-one generation)."""
+    prompts = [processor.apply_chat_template(chat(q), add_generation_prompt=True) for q in CHAT_QUESTIONS]
+    images = [shape_image(c) for c in COLORS]
+    batch = processor(images=images, text=prompts)
+    settings = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        batched = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+        single = []
+        for image, prompt in zip(images, prompts):
+            alone = processor(images=[image], text=[prompt])
+            single.append(model.generate(**alone, **settings)[0, alone["input_ids"].shape[1] :].tolist())
+    tensors = {"logits": logits, "batched": batched, **batch}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out + ".safetensors")
+    tokenizer = processor.tokenizer
+    info = {
+        "prompts": prompts,
+        "padding_side": tokenizer.padding_side,
+        "special_tokens": sorted(set(tokenizer.all_special_tokens)),
+        "pad_token_id": tokenizer.pad_token_id,
+        "single": single,
+    }
+    Path(out + ".json").write_text(json.dumps(info))
+
+
+def real_shapes(spec_file: str) -> None:
+    from valign import ValignForConditionalGeneration
+    from valign.train.backbones import build_tiny_backbones
+
+    spec = json.loads(Path(spec_file).read_text())
+    for folder, vision, text, out in spec.get("build", []):
+        backbones = build_tiny_backbones(folder + "-bb", **backbone_kwargs(vision, text))
+        torch.manual_seed(0)
+        model, processor = ValignForConditionalGeneration.from_backbones(*map(str, backbones))
+        model.eval().save_pretrained(folder)
+        processor.save_pretrained(folder)
+        report(model, processor, out)
+    for folder, out in spec.get("load", []):
+        report(*load(folder), out)
+
+
+def backbone_kwargs(vision: str, text: str) -> dict:
+    """The backbones of the real-shape tests. CLIP's config declares 48 px while its processor makes 32 px, so the
+    encoder interpolates its position embeddings (as DINOv2's does, 64 px declared)."""
+    return {"vision": vision, "text": text, **({"encoder_image_size": 48} if vision == "clip" else {})}
+
+
 def build(folder: str) -> None:
     from valign import ValignForConditionalGeneration
     from valign.train.backbones import build_tiny_backbones
@@ -85,5 +142,6 @@ def build(folder: str) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    {"score": score, "generate": generate, "pipeline": pipeline, "build": build}[command](*args)
+    commands = {"score": score, "generate": generate, "pipeline": pipeline, "build": build, "real-shapes": real_shapes}
+    commands[command](*args)
     print(transformers.__version__)
