@@ -69,13 +69,30 @@ def one_image_batch(processor) -> dict:
     return processor(images=[shape_image("red", size=(40, 30))], text=[prompt])  # not square: resized, cropped
 
 
-def encoder_features(assembled: Assembled, vision: str, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
-    """The image features by another code path: the encoder class called directly, leading tokens cut by count."""
+def encoder_features(
+    assembled: Assembled, vision: str, pixel_values: torch.Tensor, layer: int = -1, **kwargs
+) -> torch.Tensor:
+    """The encoder's output by another code path: its own class called directly, leading tokens cut by count."""
     encoder = ENCODERS[vision].from_pretrained(assembled.vision_dir).eval()
     with torch.no_grad():
-        hidden = encoder(pixel_values, **kwargs).last_hidden_state
-        assert hidden.shape[1] == LEADING_TOKENS[vision] + assembled.model.config.image_seq_length
-        return assembled.model.multi_modal_projector(hidden[:, LEADING_TOKENS[vision] :])
+        out = encoder(pixel_values, output_hidden_states=True, **kwargs)
+    hidden = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
+    assert hidden.shape[1] == LEADING_TOKENS[vision] + assembled.model.config.image_seq_length
+    return hidden[:, LEADING_TOKENS[vision] :]
+
+
+def assert_features_are_the_encoders(assembled: Assembled, vision: str, batch: dict, **encoder_kwargs) -> None:
+    """valign's image features = the projected encoder output, for the last layer and (hook path) an inner one."""
+    pixel_values = batch["pixel_values"]
+    with torch.no_grad():
+        features = assembled.model(**batch).image_hidden_states
+        expected = encoder_features(assembled, vision, pixel_values, **encoder_kwargs)
+        torch.testing.assert_close(features, assembled.model.multi_modal_projector(expected))
+        inner, _ = ValignForConditionalGeneration.from_backbones(
+            str(assembled.vision_dir), str(assembled.text_dir), vision_feature_layer=-2
+        )
+        expected = encoder_features(assembled, vision, pixel_values, layer=-2, **encoder_kwargs)
+        torch.testing.assert_close(inner.eval().get_image_features(pixel_values), inner.multi_modal_projector(expected))
 
 
 @pytest.mark.parametrize("vision", ["dinov2", "dinov2-registers"])
@@ -88,9 +105,8 @@ def test_dinov2_takes_its_processors_crops_and_gives_the_encoders_patch_tokens(a
     batch = one_image_batch(assembled.processor)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
     with torch.no_grad():
-        out = assembled.model(**batch)
-    assert out.logits.shape[:2] == batch["input_ids"].shape
-    torch.testing.assert_close(out.image_hidden_states, encoder_features(assembled, vision, batch["pixel_values"]))
+        assert assembled.model(**batch).logits.shape[:2] == batch["input_ids"].shape
+    assert_features_are_the_encoders(assembled, vision, batch)
 
 
 @pytest.mark.parametrize("vision", ["siglip", "clip"])
@@ -100,12 +116,9 @@ def test_siglip_and_clip_at_another_size_than_their_config_interpolate(assemble,
     assert (config.vision_config.image_size, config.image_size, config.image_seq_length) == (48, 32, 16)
     batch = one_image_batch(assembled.processor)
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
-    with torch.no_grad():
-        features = assembled.model(**batch).image_hidden_states
-        expected = encoder_features(assembled, vision, batch["pixel_values"], interpolate_pos_encoding=True)
-        torch.testing.assert_close(features, expected)
-        with pytest.raises((ValueError, RuntimeError)):  # without interpolation the encoder refuses 32 px
-            encoder_features(assembled, vision, batch["pixel_values"])
+    assert_features_are_the_encoders(assembled, vision, batch, interpolate_pos_encoding=True)
+    with pytest.raises((ValueError, RuntimeError)):  # without interpolation the encoder refuses 32 px
+        encoder_features(assembled, vision, batch["pixel_values"])
 
 
 def vision_folder_with_processor(assembled: Assembled, folder: Path, **processor_kwargs) -> str:
