@@ -112,10 +112,7 @@ class ValignConfig(PretrainedConfig):
     @property
     def image_seq_length(self) -> int:
         """Number of patch tokens one image becomes (CLS and register tokens excluded)."""
-        vision = self.vision_config
-        if getattr(vision, "num_patches", None):  # SigLIP2 NaFlex counts patches directly
-            return vision.num_patches
-        return (self.image_size // vision.patch_size) ** 2
+        return (self.image_size // self.vision_config.patch_size) ** 2
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

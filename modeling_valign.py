@@ -346,6 +346,8 @@ def resolution_of(image_processor, encoder: nn.Module, vision_config) -> int:
     """
     from PIL import Image
 
+    if getattr(vision_config, "num_patches", None):
+        raise ValueError("patch-sequence (NaFlex) encoders are not supported: use a fixed-resolution checkpoint")
     probe = Image.new("RGB", (3 * vision_config.patch_size * 7, 2 * vision_config.patch_size * 7))  # 3:2, any size
     height, width = image_processor(probe, return_tensors="pt")["pixel_values"].shape[-2:]
     if height != width:
@@ -411,6 +413,11 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
         )
         image_processor = AutoImageProcessor.from_pretrained(vision)
         image_size = resolution_of(image_processor, encoder, vision_config)
+        if config_kwargs.pop("image_size", image_size) != image_size:
+            raise ValueError(
+                f"image_size follows the image processor, which makes {image_size}-px images: "
+                "change the processor's size (and crop) instead"
+            )
         lm = AutoModelForCausalLM.from_pretrained(
             text, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
         )

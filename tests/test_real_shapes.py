@@ -4,6 +4,7 @@ the other."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable
@@ -144,6 +145,12 @@ def test_image_sizes_valign_cannot_use_are_refused_clearly(assemble, tmp_path):
     with pytest.raises(ValueError, match="makes 48-px images but the siglip_vision_model encoder was trained at 32"):
         resolution_of(larger, rigid, vision_config)
     assert resolution_of(larger, assembled.model.vision_tower, vision_config) == 48  # SigLIP can
+    with pytest.raises(ValueError, match="image_size follows the image processor, which makes 32-px images"):
+        ValignForConditionalGeneration.from_backbones(str(assembled.vision_dir), text, image_size=48)
+    naflex = copy.copy(vision_config)
+    naflex.num_patches = 256
+    with pytest.raises(ValueError, match="NaFlex"):
+        resolution_of(larger, assembled.model.vision_tower, naflex)
 
 
 def test_fixture_tokenizers_look_like_the_real_ones_and_valign_adapts_them(assemble):
