@@ -41,14 +41,14 @@ from transformers import Qwen2Config, SiglipVisionConfig, StoppingCriteria, Stop
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
+from valign.data.adapters import adapt
+from valign.data.synthetic import make_caption_dataset
 from valign.eval.generate import CAPTION_PROMPT
 from valign.modeling_valign import build_attention_mask, packed_document_ids
 from valign.processing_valign import ValignProcessor, prepare_tokenizer
 from valign.train.backbones import image_processor_class, train_tokenizer
 from valign.train.collator import IGNORE_INDEX, ConversationCollator
-from valign.train.data import adapt
 from valign.train.demo import DemoSizes, demo_corpus
-from valign.train.synthetic import make_caption_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

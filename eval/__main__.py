@@ -15,7 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..train.data import caption_references, decode_image, load_rows
+from ..data.adapters import caption_references
+from ..data.images import decode_image
+from ..data.sources import load_rows
 from .captions import evaluate_captions
 from .generate import DecodingSettings, load_checkpoint
 from .vqa import evaluate_vqa

@@ -13,7 +13,7 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from ..train.data import vqa_prompt
+from ..data.prompts import vqa_prompt
 from .generate import DecodingSettings, generate_answers
 from .vqa_metrics import accuracy_standard_error, normalize_answer, score_vqa
 

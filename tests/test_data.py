@@ -1,4 +1,4 @@
-"""train/data.py: loading, schema adapters, lazy datasets and skip accounting, all offline."""
+"""valign.data: loading, schema adapters, lazy datasets and skip accounting, all offline."""
 
 from __future__ import annotations
 
@@ -14,18 +14,11 @@ import torch
 from datasets import Dataset, Features, Value
 from PIL import Image
 
-from valign.train.data import (
-    AdaptedDataset,
-    AdaptedIterableDataset,
-    RowAdapter,
-    SkipCounter,
-    adapt,
-    build_dataset,
-    detect_schema,
-    load_rows,
-    user_content,
-)
-from valign.train.synthetic import (
+from valign.data.adapters import AdaptedDataset, AdaptedIterableDataset, RowAdapter, adapt, build_dataset, detect_schema
+from valign.data.prompts import user_content
+from valign.data.skips import SkipCounter
+from valign.data.sources import load_rows
+from valign.data.synthetic import (
     CONVERSATION_FEATURES,
     make_caption_dataset,
     make_caption_eval_set,
@@ -158,7 +151,7 @@ def test_vqa_row_yields_question_and_answer():
 
 
 def test_easy_vqa_in_pathvqa_schema_is_detected_and_adapted():
-    from valign.train.synthetic import load_easy_vqa
+    from valign.data.synthetic import load_easy_vqa
 
     dataset = adapt(load_easy_vqa("test", limit=3))
     samples = list(dataset)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from valign.data.synthetic import load_easy_vqa, make_caption_eval_set, write_parquet
 from valign.eval.__main__ import main
 from valign.eval.caption_metrics import score_captions
 from valign.eval.vqa_metrics import score_vqa
-from valign.train.synthetic import load_easy_vqa, make_caption_eval_set, write_parquet
 
 
 def test_caption_command_records_captions_scores_and_settings(checkpoint, tmp_path):

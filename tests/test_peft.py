@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 from scripts.crossload import fixed_batch
 
 from valign.configuration_valign import enable_checkpointing
+from valign.data.images import decode_image
+from valign.data.prompts import vqa_prompt
 from valign.eval.generate import DecodingSettings, generate_answers, load_checkpoint
 from valign.eval.vqa import answer_prior, prior_predictions
 from valign.eval.vqa_metrics import score_vqa
 from valign.train.collator import ConversationCollator
-from valign.train.data import decode_image, vqa_prompt
 from valign.train.peft_vqa import (
     ATTENTION_PROJECTIONS,
     MLP_PROJECTIONS,

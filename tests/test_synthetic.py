@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from datasets import Dataset, Image, load_dataset
 
-from valign.train.synthetic import (
+from valign.data.synthetic import (
     COLOUR_SYNONYMS,
     COLOURS,
     SHAPE_SYNONYMS,

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from ..data.prompts import DEFAULT_VQA_INSTRUCTION
+from ..data.synthetic import load_easy_vqa, make_caption_dataset, make_caption_eval_set, write_parquet
 from ..eval.captions import evaluate_captions
 from ..eval.generate import CAPTION_PROMPT, DecodingSettings
 from ..eval.vqa import evaluate_vqa
@@ -25,9 +27,7 @@ from ..modeling_valign import ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
 from .backbones import build_tiny_backbones
 from .card import Benchmark, eval_results_from_json, write_model_card
-from .data import DEFAULT_VQA_INSTRUCTION
 from .run import StageResult, run_recipe
-from .synthetic import load_easy_vqa, make_caption_dataset, make_caption_eval_set, write_parquet
 
 DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo"
 # The data the demo's evaluation numbers come from, for the last stage's model-index.

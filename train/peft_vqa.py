@@ -4,7 +4,7 @@
         [--merge] [--push-to-hub USER/valign-pathvqa-lora] [--epochs 1 --batch-size 8 --lr 2e-4 --lora-r 16 \\
         --lora-alpha 32 --max-steps -1 --limit N] [--eval-split validation --eval-limit 500]
 
-`--data easy-vqa` trains on the offline easy-VQA stand-in (`train.synthetic.load_easy_vqa`, splits train/test).
+`--data easy-vqa` trains on the offline easy-VQA stand-in (`data.synthetic.load_easy_vqa`, splits train/test).
 
 LoRA goes into the language model only: the adapter targets are a regex anchored at ``model.language_model.``,
 because SigLIP's attention has ``q_proj``/``k_proj``/``v_proj`` too and a plain name list would adapt the vision
@@ -32,11 +32,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
 from ..configuration_valign import checkpointing_arguments
+from ..data.adapters import adapt
+from ..data.images import decode_image
+from ..data.prompts import DEFAULT_VQA_INSTRUCTION
+from ..data.sources import EASY_VQA, load_rows
 from ..eval.generate import load_checkpoint
 from ..eval.vqa import evaluate_vqa
 from .card import Benchmark, eval_results_from_json, model_card
 from .collator import ConversationCollator
-from .data import DEFAULT_VQA_INSTRUCTION, EASY_VQA, adapt, decode_image, load_rows
 from .hub import STAGE_FILE_PATTERNS, push_stage, stage_files
 from .run import warmup_argument
 

@@ -20,12 +20,13 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..configuration_valign import checkpointing_arguments
+from ..data.adapters import build_dataset
+from ..data.skips import SkipCounter
 from ..modeling_valign import ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
 from .collator import ConversationCollator
 from .config import StageConfig
-from .data import SkipCounter, SkipReportCallback, build_dataset
-from .trainer import TrainingLogCallback, ValignTrainer, read_training_log, set_trainable
+from .trainer import SkipReportCallback, TrainingLogCallback, ValignTrainer, read_training_log, set_trainable
 
 logger = logging.getLogger(__name__)
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
 
+from ..data.skips import SkipCounter
 from .config import MODULES
+
+logger = logging.getLogger(__name__)
 
 
 def module_of(parameter_name: str) -> str:
@@ -79,6 +83,19 @@ class TrainingLogCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs) -> None:
         if state.is_world_process_zero and self.path.exists():
             plot_training_log(self.path, self.folder / "training_log.png", title=self.stage)
+
+
+class SkipReportCallback(TrainerCallback):
+    """Logs the skip report of a training set at each epoch end and at the end of training."""
+
+    def __init__(self, skips: SkipCounter) -> None:
+        self.skips = skips
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        logger.info("training data, epoch %s: %s", state.epoch, self.skips.report())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        logger.info("training data: %s", self.skips.report())
 
 
 def read_training_log(path: str | Path) -> list[dict]:

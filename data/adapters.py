@@ -14,127 +14,45 @@ counted by reason in the dataset's :class:`SkipCounter` (``dataset.skips.report(
 
 With ``transformers.Trainer``, set ``remove_unused_columns=False``: otherwise, for a dataset that is not a
 ``datasets.Dataset``, the Trainer strips every key the model's ``forward`` does not take (``messages``, ``image``)
-before the collator sees the samples. :class:`SkipReportCallback` logs the skip report at each epoch end.
+before the collator sees the samples (`train.trainer.SkipReportCallback` logs the skip report at each epoch end).
 """
 
 from __future__ import annotations
 
-import io
-import logging
-import multiprocessing
 import os
 import random
-import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.context import get_spawning_popen
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import datasets
 import torch.utils.data
-from datasets.data_files import DataFilesDict, get_data_patterns
 from PIL import Image as PILImage
-from transformers import TrainerCallback
 
-logger = logging.getLogger(__name__)
+from .images import decode_image, has_image
+from .prompts import (
+    DEFAULT_CAPTION_PROMPT,
+    DEFAULT_VQA_INSTRUCTION,
+    IMAGE_TAG,
+    caption_messages,
+    text_item,
+    user_content,
+    vqa_messages,
+)
+from .skips import SkipCounter, SkipRow
+from .sources import Rows, load_rows
 
 Schema = Literal["llava", "caption", "vqa"]
-Rows = datasets.Dataset | datasets.IterableDataset
-
-IMAGE_TAG = "<image>"
-EASY_VQA = "easy-vqa"  # a source name: the easy-VQA package's questions, offline
-DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
-DEFAULT_VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
-DATA_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".ndjson": "json"}
 ID_COLUMNS = ("id", "image_id", "img_id", "cocoid", "question_id")
 CAPTION_COLUMNS = ("caption", "captions", "sentences")
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-# One slot per reason: the counts live in shared memory, which needs a fixed layout.
-SKIP_REASONS = (
-    "unreadable_image",  # bytes or file PIL cannot decode, or a path that does not exist
-    "missing_image",  # a caption or VQA row without an image
-    "image_tag_count",  # LLaVA: not exactly one <image> tag with an image, or tags without one
-    "bad_conversation",  # LLaVA: empty, unknown role, non-text turn, no assistant answer, tag outside a user turn
-    "missing_text",  # caption, question or answer missing or empty
-    "malformed_row",  # any other unexpected row shape (wrong types, missing keys)
-)
-
-_TAG_WITH_NEWLINES = re.compile(r"\n?" + re.escape(IMAGE_TAG) + r"\n?")
 
 
 class Sample(TypedDict):
     id: str
     image: PILImage.Image | None
     messages: list[dict[str, Any]]
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_rows(
-    source: str | os.PathLike, split: str = "train", streaming: bool = False, limit: int | None = None, **kwargs: Any
-) -> Rows:
-    """Rows of `split` (the first `limit` of them, if given) from a local file or folder (parquet, JSON, JSONL, or a
-    `save_to_disk` folder), from easy-VQA for `source == "easy-vqa"` (offline, PathVQA schema), else a Hub id.
-
-    A folder's files are assigned to splits by name as on the Hub (``train-*.parquet``, ``data/test.jsonl``; one
-    split "train" when no name says otherwise). `kwargs` go to ``datasets.load_dataset``.
-    """
-    if source == EASY_VQA:
-        from .synthetic import load_easy_vqa
-
-        return load_easy_vqa("train" if split == "train" else "test", limit)
-    rows = _load(Path(source).expanduser(), str(source), split, streaming, **kwargs)
-    if limit is None:
-        return rows
-    return rows.take(limit) if streaming else rows.select(range(min(limit, len(rows))))
-
-
-def _load(path: Path, source: str, split: str, streaming: bool, **kwargs: Any) -> Rows:
-    if not path.exists():
-        return datasets.load_dataset(source, split=split, streaming=streaming, **kwargs)
-    if path.is_dir() and any((path / name).exists() for name in ("state.json", "dataset_dict.json")):
-        return _load_saved(path, split, streaming)
-    builder, files = _local_data_files(path, split)
-    return datasets.load_dataset(builder, data_files={split: files}, split=split, streaming=streaming, **kwargs)
-
-
-def _load_saved(path: Path, split: str, streaming: bool) -> Rows:
-    saved = datasets.load_from_disk(str(path))
-    if isinstance(saved, datasets.DatasetDict):
-        if split not in saved:
-            raise ValueError(f"{path} has no split {split!r}; it has {sorted(saved)}")
-        saved = saved[split]
-    return saved.to_iterable_dataset() if streaming else saved
-
-
-def _local_data_files(path: Path, split: str) -> tuple[str, list[str]]:
-    """The builder name and the files of `split` under a local file or folder."""
-    if path.is_file():
-        return _builder_for([str(path)]), [str(path)]
-    try:
-        patterns = get_data_patterns(str(path))
-        by_split = DataFilesDict.from_patterns(patterns, base_path=str(path), allowed_extensions=list(DATA_BUILDERS))
-    except FileNotFoundError as error:  # datasets' EmptyDatasetError is one
-        raise ValueError(f"no {'/'.join(DATA_BUILDERS)} files in {path}") from error
-    files = {str(name): list(found) for name, found in by_split.items() if found}
-    if split not in files:
-        raise ValueError(f"no files for split {split!r} in {path}; found splits {sorted(files)}")
-    return _builder_for(files[split]), files[split]
-
-
-def _builder_for(files: Sequence[str]) -> str:
-    suffixes = {Path(f).suffix.lower() for f in files}
-    builders = {DATA_BUILDERS.get(suffix) for suffix in suffixes}
-    if len(builders) != 1 or None in builders:
-        raise ValueError(
-            f"cannot read files with extensions {sorted(suffixes)} as one data set; use one of {sorted(DATA_BUILDERS)}"
-        )
-    return builders.pop()
-
-
-# --------------------------------------------------------------------------- schema detection
 
 
 def detect_schema(column_names: Iterable[str]) -> Schema:
@@ -151,165 +69,6 @@ def detect_schema(column_names: Iterable[str]) -> Schema:
         f"('conversations', optional 'image'), image–caption ('image' with one of {list(CAPTION_COLUMNS)}) "
         "or image–question–answer ('image', 'question', 'answer')"
     )
-
-
-# --------------------------------------------------------------------------- skip accounting
-
-
-class SkipRow(Exception):
-    """Raised by the adapters for a row that cannot become a sample; `reason` is one of `SKIP_REASONS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        if reason not in SKIP_REASONS:
-            raise ValueError(f"unknown skip reason {reason!r}; known: {SKIP_REASONS}")
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-class SkipCounter:
-    """Rows read and rows skipped per reason, with a few example rows per reason for the report.
-
-    The counts sit in a locked shared-memory array, so skips in DataLoader worker processes (fork, spawn or
-    forkserver: the array travels with the dataset when a worker starts) and in threads add up in the main
-    process's report. Example rows and log lines are per process: a worker's examples stay in that worker.
-    Pickled outside process start (deepcopy, hashing), a counter carries a snapshot of its counts and is
-    independent of the original from then on.
-    """
-
-    def __init__(self, max_examples: int = 3) -> None:
-        self.max_examples = max_examples
-        self._counts = multiprocessing.Array("q", 1 + len(SKIP_REASONS))  # slot 0: rows read
-        self._examples: dict[str, list[str]] = {}
-        self._seen_here: dict[str, int] = {}  # per-process counts, to log only the first few skips
-
-    def record_row(self) -> None:
-        with self._counts.get_lock():
-            self._counts[0] += 1
-
-    def skip(self, reason: str, row_id: str, detail: str) -> None:
-        slot = 1 + SKIP_REASONS.index(reason)
-        with self._counts.get_lock():
-            self._counts[slot] += 1
-            self._seen_here[reason] = seen = self._seen_here.get(reason, 0) + 1
-            if seen <= self.max_examples:
-                self._examples.setdefault(reason, []).append(f"row {row_id!r}: {detail}")
-        if seen <= self.max_examples:
-            logger.warning("skipping row %r (%s): %s", row_id, reason, detail)
-
-    @property
-    def rows_read(self) -> int:
-        return self._counts[0]
-
-    @property
-    def counts(self) -> dict[str, int]:
-        """Skips per reason, reasons with none left out."""
-        values = self._counts[1:]
-        return {reason: n for reason, n in zip(SKIP_REASONS, values) if n}
-
-    @property
-    def skipped(self) -> int:
-        return sum(self.counts.values())
-
-    def report(self) -> str:
-        """One summary line, then one line per reason with example rows (those seen in this process)."""
-        read, skipped = self.rows_read, self.skipped
-        if not skipped:
-            return f"read {read} rows, skipped none"
-        share = f"{100 * skipped / read:.1f}%" if read else "n/a"
-        by_reason = ", ".join(f"{reason} {n}" for reason, n in self.counts.items())
-        lines = [f"read {read} rows, skipped {skipped} ({share}): {by_reason}"]
-        examples = [(reason, self._examples[reason]) for reason in self.counts if reason in self._examples]
-        lines += [f"  {reason}: e.g. {'; '.join(rows)}" for reason, rows in examples]
-        return "\n".join(lines)
-
-    def __repr__(self) -> str:
-        return f"SkipCounter({self.report().splitlines()[0]!r})"
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        if get_spawning_popen() is None:  # shared memory may only be pickled while starting a process
-            state["_counts"] = list(self._counts[:])
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        if isinstance(state["_counts"], list):
-            snapshot = state["_counts"]
-            state["_counts"] = multiprocessing.Array("q", len(snapshot))
-            state["_counts"][:] = snapshot
-        self.__dict__.update(state)
-
-
-# --------------------------------------------------------------------------- images
-
-
-def has_image(value: Any) -> bool:
-    """Whether an image cell holds an image (decoded or not) rather than None / an empty path-bytes struct."""
-    if isinstance(value, Mapping):
-        return value.get("bytes") is not None or bool(value.get("path"))
-    return bool(value) if isinstance(value, str) else value is not None
-
-
-def decode_image(value: Any, image_root: str | os.PathLike | None = None) -> PILImage.Image | None:
-    """An RGB image from a PIL image, ``{"bytes", "path"}`` dict, bytes or path (relative ones under `image_root`).
-
-    Returns None for an empty cell; raises :class:`SkipRow` ("unreadable_image") when decoding fails.
-    """
-    if not has_image(value):
-        return None
-    if isinstance(value, Mapping):
-        value = value["bytes"] if value.get("bytes") is not None else value["path"]
-    if isinstance(value, PILImage.Image):
-        return _to_rgb(value)
-    source = _image_source(value, image_root)
-    try:
-        with PILImage.open(source) as image:
-            return _to_rgb(image)
-    except Exception as error:  # PIL raises many types on corrupt data (OSError, ValueError, SyntaxError, ...)
-        name = "<bytes>" if isinstance(source, io.BytesIO) else str(source)
-        raise SkipRow("unreadable_image", f"cannot read image {name}: {error}") from error
-
-
-def _image_source(value: Any, image_root: str | os.PathLike | None) -> io.BytesIO | Path:
-    if isinstance(value, (bytes, bytearray)):
-        return io.BytesIO(value)
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value).expanduser()
-        return path if path.is_absolute() or image_root is None else Path(image_root) / path
-    raise SkipRow("unreadable_image", f"unsupported image value of type {type(value).__name__}")
-
-
-def _to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """Decode fully (truncated files fail here, not in the collator) and convert to RGB; transparency becomes white."""
-    image.load()
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        flat = PILImage.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    return image.convert("RGB")  # a copy even for RGB input, so samples never share pixels with the source
-
-
-# --------------------------------------------------------------------------- adapters: rows → messages
-
-
-def text_item(text: str) -> dict[str, str]:
-    return {"type": "text", "text": text}
-
-
-def image_item() -> dict[str, str]:
-    return {"type": "image"}
-
-
-def user_content(text: str) -> list[dict[str, str]]:
-    """Split a turn's text at ``<image>`` tags (and a newline either side) into text and image content items."""
-    content: list[dict[str, str]] = []
-    for i, part in enumerate(_TAG_WITH_NEWLINES.split(text)):
-        if i:
-            content.append(image_item())
-        if part:
-            content.append(text_item(part))
-    return content
 
 
 def llava_messages(conversations: Any, with_image: bool) -> list[dict[str, Any]]:
@@ -342,26 +101,6 @@ def _llava_turn(turn: Any) -> tuple[str, str]:
     if not isinstance(text, str):
         raise SkipRow("bad_conversation", f"a {speaker!r} turn has no text")
     return ROLES[speaker], text
-
-
-def caption_messages(caption: str, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[dict[str, Any]]:
-    return [
-        {"role": "user", "content": [image_item(), text_item(prompt)]},
-        {"role": "assistant", "content": [text_item(caption)]},
-    ]
-
-
-def vqa_prompt(question: str, instruction: str = DEFAULT_VQA_INSTRUCTION) -> str:
-    """The user text for a question, as `train.synthetic.vqa_as_conversations` writes it: capitalised + instruction."""
-    question = question.strip()
-    return f"{question[:1].upper()}{question[1:]} {instruction}".strip()
-
-
-def vqa_messages(question: str, answer: str, instruction: str = DEFAULT_VQA_INSTRUCTION) -> list[dict[str, Any]]:
-    return [
-        {"role": "user", "content": [image_item(), text_item(vqa_prompt(question, instruction))]},
-        {"role": "assistant", "content": [text_item(answer)]},
-    ]
 
 
 def caption_references(row: Mapping[str, Any]) -> list[str]:
@@ -566,16 +305,3 @@ def build_dataset(
     if path.exists() and adapt_kwargs.get("image_root") is None:
         adapt_kwargs["image_root"] = path if path.is_dir() else path.parent
     return adapt(load_rows(source, split, streaming, limit, **(load_kwargs or {})), **adapt_kwargs)
-
-
-class SkipReportCallback(TrainerCallback):
-    """Logs the skip report of a training set at each epoch end and at the end of training."""
-
-    def __init__(self, skips: SkipCounter) -> None:
-        self.skips = skips
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        logger.info("training data, epoch %s: %s", state.epoch, self.skips.report())
-
-    def on_train_end(self, args, state, control, **kwargs):
-        logger.info("training data: %s", self.skips.report())
