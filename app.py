@@ -1,6 +1,9 @@
 """valign's demo app (Gradio): caption an image, or ask a question about it.
 
-    python app.py [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860]
+    python app.py [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
+
+A question is sent with the short-answer instruction the recipe trains VQA with (`--no-instruction`: alone); an
+empty question asks for a caption.
 
 As a Hugging Face Space (README metadata `sdk: gradio`, `app_file: app.py`; valign in requirements.txt), set the
 Space variable `VALIGN_MODEL` to a Hub repo id; Spaces set `GRADIO_SERVER_NAME`/`GRADIO_SERVER_PORT`, which
@@ -23,7 +26,8 @@ import gradio as gr
 import torch
 
 from valign.cli import default_model, load_model
-from valign.eval.generate import CAPTION_PROMPT, DecodingSettings, generate_answers
+from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
+from valign.eval.generate import DecodingSettings, generate_answers
 from valign.processing_valign import load_image
 
 # gradio reads this whenever it would send usage analytics or check PyPI for a newer version: never, here.
@@ -59,7 +63,9 @@ def resolve_model(name: str | None) -> str | Path:
         return tiny_checkpoint()
 
 
-def build_app(model, processor, settings: DecodingSettings) -> gr.Blocks:
+def build_app(model, processor, settings: DecodingSettings, instruction: bool = True) -> gr.Blocks:
+    """`instruction`: send questions with the short-answer instruction the recipe trains VQA with."""
+
     def answer(image_path: str | None, question: str) -> str:
         if image_path is None:
             raise gr.Error("Upload an image first.")
@@ -67,7 +73,9 @@ def build_app(model, processor, settings: DecodingSettings) -> gr.Blocks:
             image = load_image(image_path)
         except ValueError as error:
             raise gr.Error(str(error)) from error
-        prompt = question.strip() or CAPTION_PROMPT
+        question = question.strip()
+        asked = vqa_prompt(question) if instruction else question
+        prompt = asked if question else CAPTION_PROMPT
         return generate_answers(model, processor, [image], [prompt], settings, progress=False)[0]
 
     with gr.Blocks(title="valign", analytics_enabled=False) as app:
@@ -96,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--host", help="address to listen on (default: gradio's, 127.0.0.1)")
     cli.add_argument("--port", type=int, help="port (default: gradio's, 7860)")
     cli.add_argument("--max-new-tokens", type=int, default=40)
+    cli.add_argument(
+        "--no-instruction", action="store_true", help="send questions alone, without the short-answer instruction"
+    )
     return cli
 
 
@@ -104,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = resolve_model(args.model)
     model, processor = load_model(name, args.revision)
     print(f"valign app: model {name}", flush=True)
-    app = build_app(model, processor, DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=1))
+    settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
+    app = build_app(model, processor, settings, instruction=not args.no_instruction)
     app.launch(server_name=args.host, server_port=args.port, share=False)
 
 

@@ -1,7 +1,10 @@
 """The `valign` command: caption images or ask a question about one, with a local or Hub checkpoint.
 
     valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
-    valign ask IMAGE "QUESTION" [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
+    valign ask IMAGE "QUESTION" [--no-instruction] [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
+
+`ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
+`--no-instruction` sends the question alone.
 
 Without `--model`, the offline demo's final checkpoint (`outputs/demo/stages/stage-3`, made by
 `python -m valign.train`) is used. Plain output is one `PATH: TEXT` line per image (`ask`: the answer alone);
@@ -26,7 +29,8 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .eval.generate import CAPTION_PROMPT, DecodingSettings, generate_answers
+from .data.prompts import CAPTION_PROMPT, vqa_prompt
+from .eval.generate import DecodingSettings, generate_answers
 from .processing_valign import load_image
 
 DEMO_CHECKPOINT = Path("outputs") / "demo" / "stages" / "stage-3"
@@ -103,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
     ask = commands.add_parser("ask", help="answer a question about one image")
     ask.add_argument("image", metavar="IMAGE")
     ask.add_argument("question")
+    ask.add_argument(
+        "--no-instruction", action="store_true", help="send the question alone, without the short-answer instruction"
+    )
     for command in (caption, ask):
         command.add_argument("--model", help=f"checkpoint folder or Hub repo id (default: {DEMO_CHECKPOINT})")
         command.add_argument("--revision", help="Hub branch, tag or commit")
@@ -117,7 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         print("valign: error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
         return EXIT_USAGE
-    paths, prompt = (args.images, args.prompt) if args.command == "caption" else ([args.image], args.question)
+    if args.command == "caption":
+        paths, prompt = args.images, args.prompt
+    else:
+        paths, prompt = [args.image], args.question if args.no_instruction else vqa_prompt(args.question)
     # Loading notices and the weight-loading bar would bury the answers; errors still raise.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -42,8 +42,8 @@ from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
 from valign.data.adapters import adapt
+from valign.data.prompts import CAPTION_PROMPT
 from valign.data.synthetic import make_caption_dataset
-from valign.eval.generate import CAPTION_PROMPT
 from valign.modeling_valign import build_attention_mask, packed_document_ids
 from valign.processing_valign import ValignProcessor, prepare_tokenizer
 from valign.train.backbones import image_processor_class, train_tokenizer

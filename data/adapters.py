@@ -32,9 +32,9 @@ from PIL import Image as PILImage
 
 from .images import decode_image, has_image
 from .prompts import (
-    DEFAULT_CAPTION_PROMPT,
-    DEFAULT_VQA_INSTRUCTION,
+    CAPTION_PROMPT,
     IMAGE_TAG,
+    VQA_INSTRUCTION,
     caption_messages,
     text_item,
     user_content,
@@ -130,8 +130,8 @@ class RowAdapter:
     """
 
     schema: Schema
-    caption_prompt: str = DEFAULT_CAPTION_PROMPT
-    vqa_instruction: str = DEFAULT_VQA_INSTRUCTION
+    caption_prompt: str = CAPTION_PROMPT
+    vqa_instruction: str = VQA_INSTRUCTION
     reference: Literal["first", "random"] = "first"
     seed: int = 0
     image_root: str | None = None
@@ -266,8 +266,8 @@ def adapt(
     schema: Schema | None = None,
     *,
     skips: SkipCounter | None = None,
-    caption_prompt: str = DEFAULT_CAPTION_PROMPT,
-    vqa_instruction: str = DEFAULT_VQA_INSTRUCTION,
+    caption_prompt: str = CAPTION_PROMPT,
+    vqa_instruction: str = VQA_INSTRUCTION,
     reference: Literal["first", "random"] = "first",
     seed: int = 0,
     image_root: str | os.PathLike | None = None,

@@ -7,8 +7,10 @@ import re
 from typing import Any
 
 IMAGE_TAG = "<image>"
-DEFAULT_CAPTION_PROMPT = "Write a short caption for this image."
-DEFAULT_VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5's short-answer prompt
+# What the recipes train caption rows with (`StageConfig.caption_prompt`) and what captioning asks by default.
+CAPTION_PROMPT = "Describe the image in detail."
+# LLaVA-1.5's short-answer instruction: VQA rows are trained with it, so questions are asked with it too.
+VQA_INSTRUCTION = "Answer the question using a single word or phrase."
 
 _TAG_WITH_NEWLINES = re.compile(r"\n?" + re.escape(IMAGE_TAG) + r"\n?")
 
@@ -32,21 +34,20 @@ def user_content(text: str) -> list[dict[str, str]]:
     return content
 
 
-def caption_messages(caption: str, prompt: str = DEFAULT_CAPTION_PROMPT) -> list[dict[str, Any]]:
-    return [
-        {"role": "user", "content": [image_item(), text_item(prompt)]},
-        {"role": "assistant", "content": [text_item(caption)]},
-    ]
+def user_turn(text: str) -> dict[str, Any]:
+    """One user turn: an image, then `text` (every prompt valign trains on or asks with has this shape)."""
+    return {"role": "user", "content": [image_item(), text_item(text)]}
 
 
-def vqa_prompt(question: str, instruction: str = DEFAULT_VQA_INSTRUCTION) -> str:
+def caption_messages(caption: str, prompt: str = CAPTION_PROMPT) -> list[dict[str, Any]]:
+    return [user_turn(prompt), {"role": "assistant", "content": [text_item(caption)]}]
+
+
+def vqa_prompt(question: str, instruction: str = VQA_INSTRUCTION) -> str:
     """The user text for a question, as `data.synthetic.vqa_as_conversations` writes it: capitalised + instruction."""
     question = question.strip()
     return f"{question[:1].upper()}{question[1:]} {instruction}".strip()
 
 
-def vqa_messages(question: str, answer: str, instruction: str = DEFAULT_VQA_INSTRUCTION) -> list[dict[str, Any]]:
-    return [
-        {"role": "user", "content": [image_item(), text_item(vqa_prompt(question, instruction))]},
-        {"role": "assistant", "content": [text_item(answer)]},
-    ]
+def vqa_messages(question: str, answer: str, instruction: str = VQA_INSTRUCTION) -> list[dict[str, Any]]:
+    return [user_turn(vqa_prompt(question, instruction)), {"role": "assistant", "content": [text_item(answer)]}]

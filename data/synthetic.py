@@ -24,6 +24,8 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
+from .prompts import VQA_INSTRUCTION, vqa_prompt
+
 CaptionStyle = Literal["recap", "human"]
 
 # Shape colours are far apart in RGB and all contrast with every background.
@@ -83,7 +85,6 @@ CAPTION_PROMPTS: dict[str, tuple[str, ...]] = {
 CONVERSATION = List({"from": Value("string"), "value": Value("string")})
 CONVERSATION_FEATURES = Features({"id": Value("string"), "image": Image(), "conversations": CONVERSATION})
 EASY_VQA_SHAPES = frozenset({"circle", "rectangle", "triangle"})
-VQA_INSTRUCTION = "Answer with one word."
 
 _NUMBERS = ("no", "one", "two", "three")
 _SUPERSAMPLE = 4  # draw at 4× and downsample: anti-aliased edges at 64 px
@@ -337,7 +338,7 @@ def vqa_as_conversations(ds: Dataset, instruction: str = VQA_INSTRUCTION, id_pre
     """PathVQA-schema rows → LLaVA conversation rows (``id``, ``image``, ``conversations``), one turn per question."""
 
     def convert(question: str, answer: str, idx: int) -> dict:
-        human = f"<image>\n{question[0].upper()}{question[1:]} {instruction}".rstrip()
+        human = f"<image>\n{vqa_prompt(question, instruction)}"
         return {
             "id": f"{id_prefix}{idx}",
             "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}],

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..data.adapters import caption_references
 from ..data.images import decode_image
+from ..data.prompts import CAPTION_PROMPT
 from ..data.sources import load_rows
 from .captions import evaluate_captions
 from .generate import DecodingSettings, load_checkpoint
@@ -30,7 +31,6 @@ CAPTION_SETS = {
 }
 VQA_SETS = {"path-vqa": "flaviagiammarino/path-vqa"}
 PAPER_CIDER = {"coco": 127.1, "flickr30k": 80.5}  # arXiv 2503.19508, CIDEr ×100
-CAPTION_PROMPT = "Write a short caption for this image."
 
 
 def model_revision(model, requested: str | None) -> str | None:

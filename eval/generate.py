@@ -10,11 +10,10 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
+from ..data.prompts import user_turn
+
 # transformers 4.x serves valign through AutoModelForVision2Seq, 5.x (which removed it) through the newer class.
 AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
-
-# The caption instruction the training recipes use (`StageConfig.caption_prompt`): the default for captioning.
-CAPTION_PROMPT = "Describe the image in detail."
 
 
 @dataclass
@@ -40,8 +39,7 @@ def load_checkpoint(name_or_path: str, revision: str | None = None, dtype: torch
 
 
 def chat_prompt(processor, text: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor.apply_chat_template([user_turn(text)], add_generation_prompt=True)
 
 
 def generation_mode(model, requested: str | None) -> str:

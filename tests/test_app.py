@@ -20,6 +20,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from valign.data.prompts import vqa_prompt
 from valign.eval.generate import DecodingSettings, generate_answers
 
 QUESTION = "What colour is the shape?"
@@ -112,7 +113,7 @@ def test_asking_about_an_uploaded_image_shows_the_models_answer(
     shape_image("red").save(image)
     model, processor = model_and_processor
     settings = DecodingSettings(max_new_tokens=MAX_NEW_TOKENS, batch_size=1)
-    expected = generate_answers(model, processor, [shape_image("red")], [QUESTION], settings)[0]
+    expected = generate_answers(model, processor, [shape_image("red")], [vqa_prompt(QUESTION)], settings)[0]
     assert expected  # an empty answer could not be told from no answer
 
     app.wait_until_serving()

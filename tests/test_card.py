@@ -12,7 +12,8 @@ import pytest
 from conftest import CURRENT_PYTHON, other_major_python, shape_image
 from huggingface_hub import ModelCard
 
-from valign.eval.generate import CAPTION_PROMPT, DecodingSettings, generate_answers
+from valign.data.prompts import CAPTION_PROMPT
+from valign.eval.generate import DecodingSettings, generate_answers
 from valign.train.card import EXAMPLE_IMAGE_URL, EXAMPLE_QUESTION, Benchmark, eval_results_from_json, write_model_card
 from valign.train.hub import stage_model_card
 

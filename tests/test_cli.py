@@ -11,7 +11,8 @@ import pytest
 from conftest import shape_image
 
 from valign import cli
-from valign.eval.generate import CAPTION_PROMPT, DecodingSettings, generate_answers
+from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
+from valign.eval.generate import DecodingSettings, generate_answers
 
 QUESTION = "What colour is the shape?"
 
@@ -63,10 +64,14 @@ def test_plain_output_prints_a_line_per_image_and_errors_on_stderr(
     assert f"cannot read image {paths[1]}" in err
 
 
-def test_ask_prints_the_answer(checkpoint: Path, images: dict[str, Path], model_and_processor, capsys) -> None:
-    status = cli.main(["ask", str(images["red"]), QUESTION, "--model", str(checkpoint), "--max-new-tokens", "8"])
+@pytest.mark.parametrize("bare", [False, True], ids=["with-instruction", "no-instruction"])
+def test_ask_prints_the_answer(
+    checkpoint: Path, images: dict[str, Path], model_and_processor, capsys, bare: bool
+) -> None:
+    argv = ["ask", str(images["red"]), QUESTION, "--model", str(checkpoint), "--max-new-tokens", "8"]
+    status = cli.main(argv + ["--no-instruction"] * bare)
     out, _ = capsys.readouterr()
-    answer = expected(model_and_processor, "red", QUESTION, max_new_tokens=8)
+    answer = expected(model_and_processor, "red", QUESTION if bare else vqa_prompt(QUESTION), max_new_tokens=8)
     assert status == 0 and answer
     assert out == answer + "\n"
 

@@ -26,7 +26,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from ..eval.generate import CAPTION_PROMPT
+from ..data.prompts import CAPTION_PROMPT
 
 PAPER_URL = "https://arxiv.org/abs/2503.19508"
 PAPER_TITLE = "Improved Alignment of Modalities in Large Vision Language Models"

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from ..configuration_valign import ATTN_MODES
+from ..data.prompts import CAPTION_PROMPT
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -55,7 +56,7 @@ class StageConfig:
     save_steps: int = 500
     logging_steps: int = 10
     seed: int = 0
-    caption_prompt: str = "Describe the image in detail."
+    caption_prompt: str = CAPTION_PROMPT
     extra_training_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
 
     def __post_init__(self) -> None:

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ..data.prompts import DEFAULT_VQA_INSTRUCTION
+from ..data.prompts import CAPTION_PROMPT, VQA_INSTRUCTION
 from ..data.synthetic import load_easy_vqa, make_caption_dataset, make_caption_eval_set, write_parquet
 from ..eval.captions import evaluate_captions
-from ..eval.generate import CAPTION_PROMPT, DecodingSettings
+from ..eval.generate import DecodingSettings
 from ..eval.vqa import evaluate_vqa
 from ..modeling_valign import ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
@@ -77,7 +77,7 @@ def demo_corpus(sizes: DemoSizes) -> list[str]:
     captions = [make_caption_dataset(min(sizes.captions, 500), style, image_size=8) for style in ("recap", "human")]
     vqa = load_easy_vqa("train", sizes.vqa_train)
     turns = [t["value"].replace("<image>", "") for c in captions for conv in c["conversations"] for t in conv]
-    return turns + list(vqa["question"]) + list(vqa["answer"]) + [CAPTION_PROMPT, DEFAULT_VQA_INSTRUCTION]
+    return turns + list(vqa["question"]) + list(vqa["answer"]) + [CAPTION_PROMPT, VQA_INSTRUCTION]
 
 
 def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, Trainer, TrainingArguments
 from ..configuration_valign import checkpointing_arguments
 from ..data.adapters import adapt
 from ..data.images import decode_image
-from ..data.prompts import DEFAULT_VQA_INSTRUCTION
+from ..data.prompts import VQA_INSTRUCTION
 from ..data.sources import EASY_VQA, load_rows
 from ..eval.generate import load_checkpoint
 from ..eval.vqa import evaluate_vqa
@@ -103,7 +103,7 @@ def vqa_rows(source: str, split: str = "train", limit: int | None = None) -> dat
     return load_rows(source, split, limit=limit)
 
 
-def vqa_training_set(rows: datasets.Dataset, instruction: str = DEFAULT_VQA_INSTRUCTION):
+def vqa_training_set(rows: datasets.Dataset, instruction: str = VQA_INSTRUCTION):
     """Chat samples with the question as user turn and the short answer as assistant turn (the only labels)."""
     return adapt(rows, "vqa", vqa_instruction=instruction)
 
