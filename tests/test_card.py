@@ -14,8 +14,14 @@ from huggingface_hub import ModelCard
 
 from valign.data.prompts import CAPTION_PROMPT
 from valign.eval.generate import DecodingSettings, generate_answers
-from valign.train.card import EXAMPLE_IMAGE_URL, EXAMPLE_QUESTION, Benchmark, eval_results_from_json, write_model_card
-from valign.train.hub import stage_model_card
+from valign.hub.card import (
+    EXAMPLE_IMAGE_URL,
+    EXAMPLE_QUESTION,
+    Benchmark,
+    eval_results_from_json,
+    stage_model_card,
+    write_model_card,
+)
 
 REPO_ID = "user/valign"
 BASE_MODELS = ["google/siglip-so400m-patch14-224", "Qwen/Qwen2.5-0.5B-Instruct"]

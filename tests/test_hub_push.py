@@ -16,8 +16,9 @@ from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file
 from scripts.crossload import fixed_batch
 
-import valign.train.hub as hub_module
-from valign.train.hub import push_stage, stage_model_card
+import valign.hub.push as hub_module
+from valign.hub.card import stage_model_card
+from valign.hub.push import push_stage
 
 hub = loopback_hub  # the fixture, under a short name
 

@@ -25,6 +25,7 @@ from valign.data.prompts import vqa_prompt
 from valign.eval.generate import DecodingSettings, generate_answers, load_checkpoint
 from valign.eval.vqa import answer_prior, prior_predictions
 from valign.eval.vqa_metrics import score_vqa
+from valign.hub.push import push_stage
 from valign.train.collator import ConversationCollator
 from valign.train.peft_vqa import (
     ATTENTION_PROJECTIONS,
@@ -34,7 +35,6 @@ from valign.train.peft_vqa import (
     finetune,
     lora_config,
     lora_module_names,
-    push_folder,
     save_adapter,
     save_merged,
     vqa_rows,
@@ -320,7 +320,7 @@ def test_cli_records_the_hub_base_and_its_pushed_adapter_loads_from_the_hub(hub:
     merged = set(hub.files("user/valign-tiny-vqa"))
     assert REMOTE_CODE | PROCESSOR_FILES | {"config.json", "model.safetensors", "README.md"} <= merged
 
-    push_folder(output, "user/valign-tiny-vqa-lora", merged=False)
+    push_stage(output, "user/valign-tiny-vqa-lora", branch="main")
     pushed = set(hub.files("user/valign-tiny-vqa-lora"))
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "processing_valign.py"} <= pushed
     assert pushed >= PROCESSOR_FILES

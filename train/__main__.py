@@ -3,7 +3,7 @@
     python -m valign.train                                   the embedded default: the offline CPU demo
     python -m valign.train demo [--output DIR] [--resume]
     python -m valign.train ablations [--output DIR] [--arms paper causal no-alignment human]
-    python -m valign.train recipe train/recipes/paper --output runs/paper \\
+    python -m valign.train recipe paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
         [--data-root DIR] [--resume] [--push-to-hub USER/REPO] [--max-steps N]
     python -m valign.train stage train/recipes/paper/stage1.yaml --init runs/paper/stage-0 --output runs/paper/stage-1
@@ -19,8 +19,8 @@ from pathlib import Path
 
 from accelerate import PartialState
 
+from ..hub.card import write_model_card
 from ..modeling_valign import ValignForConditionalGeneration
-from .card import write_model_card
 from .config import StageConfig
 from .run import run_recipe, run_stage
 
@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     ablations.add_argument("--arms", nargs="+", help="a subset of: paper causal no-alignment human")
 
     recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
-    recipe.add_argument("recipe", type=Path)
+    recipe.add_argument("recipe", help="a folder of stage*.yaml files, or a shipped recipe's name: demo, paper")
     stage = commands.add_parser("stage", help="run one stage file")
     stage.add_argument("config", type=Path)
     for command in (recipe, stage):

@@ -23,13 +23,12 @@ from ..data.synthetic import load_easy_vqa, make_caption_dataset, make_caption_e
 from ..eval.captions import evaluate_captions
 from ..eval.generate import DecodingSettings
 from ..eval.vqa import evaluate_vqa
+from ..hub.card import Benchmark, eval_results_from_json, write_model_card
 from ..modeling_valign import ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
 from .backbones import build_tiny_backbones
-from .card import Benchmark, eval_results_from_json, write_model_card
 from .run import StageResult, run_recipe
 
-DEMO_RECIPE = Path(__file__).parent / "recipes" / "demo"
 # The data the demo's evaluation numbers come from, for the last stage's model-index.
 DEMO_BENCHMARKS = {
     "captions": Benchmark("valign-demo-scenes", "Rendered shape scenes (held out, 5 references each)", "test"),
@@ -161,9 +160,7 @@ def run_demo(
     if not (resume and (data / "vqa_train.parquet").exists()):
         make_demo_data(data, sizes)
     init = output / "init" if resume and (output / "init" / "config.json").exists() else build_demo_init(output, sizes)
-    stages = run_recipe(
-        DEMO_RECIPE, init, output / "stages", data, resume, base_models=[], overrides=overrides, skip=skip
-    )
+    stages = run_recipe("demo", init, output / "stages", data, resume, base_models=[], overrides=overrides, skip=skip)
     captions, vqa = evaluate_demo(stages[-1].folder, sizes)
     result = DemoResult(stages, captions, vqa, sizes)
     text = report(result)

@@ -15,19 +15,16 @@ with ``--merge``, ``OUTPUT/merged`` holds a complete, Hub-ready checkpoint (weig
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 import transformers
-from huggingface_hub import EvalResult, HfApi
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
@@ -38,9 +35,9 @@ from ..data.prompts import VQA_INSTRUCTION
 from ..data.sources import EASY_VQA, load_rows
 from ..eval.generate import load_checkpoint
 from ..eval.vqa import evaluate_vqa
-from .card import Benchmark, eval_results_from_json, model_card
+from ..hub.card import Benchmark, eval_results_from_json, merged_model_card
+from ..hub.push import checkpoint_files, push_stage
 from .collator import ConversationCollator
-from .hub import STAGE_FILE_PATTERNS, push_stage, stage_files
 from .run import warmup_argument
 
 logger = logging.getLogger(__name__)
@@ -49,7 +46,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_DATA = "flaviagiammarino/path-vqa"
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
-ADAPTER_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 # --------------------------------------------------------------------------- model and adapter
@@ -183,7 +179,7 @@ def save_merged(model: PeftModel, processor, folder: str | Path, card: str | Non
 
     Returns the merged model. `merge_and_unload` works in place: `model` is spent afterwards. `save_pretrained` of
     the merged (remote-code) model copies the .py files but writes no processor files, so those are added, and
-    `hub.stage_files` checks that nothing a Hub checkpoint needs is missing.
+    `hub.push.checkpoint_files` checks that nothing a Hub checkpoint needs is missing.
     """
     folder = Path(folder)
     merged = model.merge_and_unload()
@@ -191,57 +187,8 @@ def save_merged(model: PeftModel, processor, folder: str | Path, card: str | Non
     processor.save_pretrained(folder)
     if card is not None:
         (folder / "README.md").write_text(card, encoding="utf-8")
-    stage_files(folder)  # raises if config, weights, remote code or processor files are missing
+    checkpoint_files(folder)  # raises if config, weights, remote code or processor files are missing
     return merged
-
-
-def merged_model_card(
-    base_model: str,
-    dataset: str,
-    settings: dict[str, Any],
-    eval_results: Sequence[EvalResult] = (),
-    repo_id: str | None = None,
-) -> str:
-    return model_card(
-        repo_id=repo_id,
-        title=f"valign + LoRA on {dataset} (merged)",
-        summary=(
-            f"`{base_model}` fine-tuned with LoRA on the language model's projections and a fully trained projector "
-            "(`python -m valign.train.peft_vqa`), then merged into the weights."
-        ),
-        stage="lora-vqa",
-        config=settings,
-        base_models=[base_model],
-        datasets=[dataset],
-        eval_results=eval_results,
-        tags=["lora", "vqa"],
-    )
-
-
-def adapter_files(folder: Path) -> list[str]:
-    """Top-level files of an adapter folder to publish: adapter, card, processor files and remote code."""
-    names = sorted(path.name for path in folder.iterdir() if path.is_file())
-    if "adapter_config.json" not in names:
-        raise ValueError(f"{folder} has no adapter_config.json: save the adapter first")
-    patterns = ADAPTER_FILE_PATTERNS + STAGE_FILE_PATTERNS
-    return [name for name in names if name.endswith(".py") or any(fnmatch(name, p) for p in patterns)]
-
-
-def push_folder(folder: str | Path, repo_id: str, merged: bool, token: str | None = None) -> str:
-    """Upload a merged checkpoint (with `hub.push_stage`'s checks) or an adapter folder to `main`; returns the sha."""
-    folder = Path(folder)
-    if merged:
-        return push_stage(folder, repo_id, branch="main", token=token)
-    files = adapter_files(folder)  # top-level only: checkpoints/ and merged/ stay local
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
-    info = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=folder,
-        allow_patterns=[glob.escape(name) for name in files],
-        commit_message="Upload valign LoRA adapter",
-    )
-    return info.oid
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -335,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"merged checkpoint saved to {args.output / 'merged'}")
     if args.push_to_hub:
         folder = args.output / "merged" if args.merge else args.output
-        sha = push_folder(folder, args.push_to_hub, merged=args.merge)
+        sha = push_stage(folder, args.push_to_hub, branch="main")
         print(f"pushed {folder} to {args.push_to_hub} ({sha})")
 
 

@@ -22,6 +22,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..configuration_valign import checkpointing_arguments
 from ..data.adapters import build_dataset
 from ..data.skips import SkipCounter
+from ..hub.card import STAGE_RECORD, stage_model_card
+from ..hub.push import push_stage
 from ..modeling_valign import ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
 from .collator import ConversationCollator
@@ -29,6 +31,7 @@ from .config import StageConfig
 from .trainer import SkipReportCallback, TrainingLogCallback, ValignTrainer, read_training_log, set_trainable
 
 logger = logging.getLogger(__name__)
+RECIPES = Path(__file__).parent / "recipes"  # the recipes valign ships, by folder name
 
 
 @dataclass
@@ -162,7 +165,7 @@ def run_stage(
     if trainer.is_world_process_zero():
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
-        (output_dir / "stage_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        (output_dir / STAGE_RECORD).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"{config.name}: {skips.report()}")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # the next stage loads this folder in every process
@@ -180,9 +183,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def stage_files(recipe: str | Path) -> list[Path]:
-    """The stage files of a recipe folder, in order (stage0.yaml, stage1.yaml, ...)."""
-    files = sorted(Path(recipe).glob("stage*.yaml"))
+def recipe_stages(recipe: str | Path) -> list[Path]:
+    """The stage files of a recipe, in order (stage0.yaml, stage1.yaml, ...): a folder, or the name of one of the
+    recipes valign ships (`RECIPES`: "demo", "paper", ...), which works from an installed wheel too."""
+    folder = Path(recipe)
+    if not folder.exists() and (RECIPES / folder).is_dir():
+        folder = RECIPES / folder
+    files = sorted(folder.glob("stage*.yaml"))
     if not files:
         raise FileNotFoundError(f"no stage*.yaml files in {recipe}")
     return files
@@ -194,7 +201,7 @@ def with_overrides(config: StageConfig, overrides: dict[str, dict]) -> StageConf
 
 
 def is_finished(folder: Path) -> bool:
-    return (folder / "stage_config.json").exists() and (folder / "config.json").exists()
+    return (folder / STAGE_RECORD).exists() and (folder / "config.json").exists()
 
 
 def run_recipe(
@@ -214,10 +221,8 @@ def run_recipe(
 
     `overrides` maps a stage name (or "*", every stage) to field values replacing the file's; stages named in
     `skip` are left out (for ablations)."""
-    from .hub import push_stage, stage_model_card
-
     output_dir = Path(output_dir)
-    configs = [StageConfig.from_yaml(path) for path in stage_files(recipe)]
+    configs = [StageConfig.from_yaml(path) for path in recipe_stages(recipe)]
     configs = [with_overrides(c, overrides or {}) for c in configs if c.name not in skip]
     results, previous = [], Path(init_from)
     for index, config in enumerate(configs):

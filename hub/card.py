@@ -1,8 +1,9 @@
 """Model cards: the README.md every checkpoint valign saves or pushes carries.
 
-One generator, `model_card`, serves every kind of checkpoint: a training stage (`hub.stage_model_card`, used by
+One generator, `model_card`, serves every kind of checkpoint: a training stage (`stage_model_card`, used by
 `run_recipe`), any saved folder (`write_model_card`, which reads the stage record `stage_config.json` when there is
-one), the demo's last stage with its evaluation results, and merged LoRA checkpoints (`peft_vqa`). A card holds:
+one), the demo's last stage with its evaluation results, and merged LoRA checkpoints (`merged_model_card`). A card
+holds:
 
 - Hub metadata: `pipeline_tag: image-text-to-text`, `library_name: transformers`, `base_model`, `datasets`,
   `license`, `tags`, `widget` examples and, when evaluation results exist, `model-index`;
@@ -42,7 +43,7 @@ DEFAULT_REPO_ID = "your-username/valign"  # placeholder in the usage snippets wh
 # A public image the Hub's documentation uses for image-text-to-text; the widget and the snippets load it.
 EXAMPLE_IMAGE_URL = "https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/bee.jpg"
 EXAMPLE_QUESTION = "What is in the picture?"
-STAGE_RECORD = "stage_config.json"  # written by `run_stage` next to the weights
+STAGE_RECORD = "stage_config.json"  # the stage record `run_stage` writes next to the weights
 # pycocoevalcap's score names -> (model-index metric type, display name).
 CAPTION_METRICS = {
     "CIDEr": ("cider", "CIDEr"),
@@ -119,6 +120,56 @@ def model_card(
     body = "\n".join(section for section in sections if section)
     # Parsing the assembled text through ModelCard checks the metadata block (YAML, model-index) once more.
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def stage_model_card(
+    stage: str,
+    config: Mapping[str, Any],
+    datasets: list[str],
+    base_models: list[str],
+    metrics: Mapping[str, Any] | None = None,
+    *,
+    repo_id: str | None = None,
+    eval_results: Sequence[EvalResult] = (),
+) -> str:
+    """README.md for one stage's checkpoint (see `model_card`); its usage pins the stage's branch.
+
+    `repo_id` only fills the usage snippets (a placeholder when None).
+    """
+    return model_card(
+        repo_id=repo_id,
+        revision=stage,
+        stage=stage,
+        config=config,
+        base_models=base_models,
+        datasets=datasets,
+        metrics=metrics,
+        eval_results=eval_results,
+    )
+
+
+def merged_model_card(
+    base_model: str,
+    dataset: str,
+    settings: Mapping[str, Any],
+    eval_results: Sequence[EvalResult] = (),
+    repo_id: str | None = None,
+) -> str:
+    """README.md for a LoRA fine-tune merged into its base's weights."""
+    return model_card(
+        repo_id=repo_id,
+        title=f"valign + LoRA on {dataset} (merged)",
+        summary=(
+            f"`{base_model}` fine-tuned with LoRA on the language model's projections and a fully trained projector "
+            "(`python -m valign.train.peft_vqa`), then merged into the weights."
+        ),
+        stage="lora-vqa",
+        config=settings,
+        base_models=[base_model],
+        datasets=[dataset],
+        eval_results=eval_results,
+        tags=["lora", "vqa"],
+    )
 
 
 def write_model_card(

@@ -1,8 +1,8 @@
-"""Publishing a training stage to the Hub: a model card per stage and a push to the stage's own branch.
+"""Publishing a training stage to the Hub: a push to the stage's own branch.
 
-Each stage of the recipe ends in a checkpoint folder (model, processor, remote code, card). `push_stage` puts it
-on branch `stage-N` (and on `main` for the last stage), so that users can pin a stage with
-`from_pretrained(repo, revision="stage-2", trust_remote_code=True)`.
+Each stage of the recipe ends in a checkpoint folder (model, processor, remote code, card), or an adapter folder
+for a LoRA stage. `push_stage` puts it on branch `stage-N` (and on `main` for the last stage), so that users can pin
+a stage with `from_pretrained(repo, revision="stage-2", trust_remote_code=True)`.
 """
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ from __future__ import annotations
 import glob
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import EvalResult, HfApi
-
-from .card import model_card
+from huggingface_hub import HfApi
 
 logger = logging.getLogger(__name__)
 
@@ -43,44 +41,10 @@ STAGE_FILE_PATTERNS = (
     "merges.txt",
     "tokenizer.model",
 )
+# An adapter folder's own files; the rest of what it publishes (card, processor, remote code) is as for a stage.
+ADAPTER_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 # Configs whose `auto_map` names remote-code modules (the processor's may sit in any of the last three).
 AUTO_MAP_FILES = ("config.json", "processor_config.json", "preprocessor_config.json", "tokenizer_config.json")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Model card
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def stage_model_card(
-    stage: str,
-    config: Mapping[str, Any],
-    datasets: list[str],
-    base_models: list[str],
-    metrics: Mapping[str, Any] | None = None,
-    *,
-    repo_id: str | None = None,
-    eval_results: Sequence[EvalResult] = (),
-) -> str:
-    """README.md for one stage's checkpoint (see `card.model_card`); its usage pins the stage's branch.
-
-    `repo_id` only fills the usage snippets (a placeholder when None).
-    """
-    return model_card(
-        repo_id=repo_id,
-        revision=stage,
-        stage=stage,
-        config=config,
-        base_models=base_models,
-        datasets=datasets,
-        metrics=metrics,
-        eval_results=eval_results,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Push
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def push_stage(
@@ -91,26 +55,29 @@ def push_stage(
     token: str | None = None,
     private: bool = False,
 ) -> str:
-    """Upload a stage's checkpoint folder to `branch` of `repo_id` (and to `main` if `also_main`).
+    """Upload a stage's checkpoint folder, or an adapter folder (one with `adapter_config.json`), to `branch` of
+    `repo_id` (and to `main` if `also_main`).
 
     The folder is checked before any network call. Only the files of a published stage are uploaded (see
-    `STAGE_FILE_PATTERNS`), and files of those kinds that the folder lacks are deleted from the branch, so that a
-    stale shard or processor file from an earlier stage cannot be loaded alongside this one. Returns the sha of
-    the commit on `branch`.
+    `STAGE_FILE_PATTERNS`, `ADAPTER_FILE_PATTERNS`), and files of those kinds that the folder lacks are deleted from
+    the branch, so that a stale shard or processor file from an earlier stage cannot be loaded alongside this one.
+    Returns the sha of the commit on `branch`.
     """
     folder = Path(folder)
-    files = stage_files(folder)
+    adapter = (folder / "adapter_config.json").is_file()
+    files = adapter_files(folder) if adapter else checkpoint_files(folder)
+    message = "Upload valign LoRA adapter" if adapter else f"Upload {branch} checkpoint"
     if not (folder / "README.md").is_file():
         logger.warning("%s has no README.md: the %s branch gets no model card", folder, branch)
 
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     targets = [branch] + (["main"] if also_main and branch != "main" else [])
-    shas = [_upload(api, folder, files, repo_id, target, branch) for target in targets]
+    shas = [_upload(api, folder, files, repo_id, target, message) for target in targets]
     return shas[0]
 
 
-def _upload(api: HfApi, folder: Path, files: list[str], repo_id: str, target: str, stage: str) -> str:
+def _upload(api: HfApi, folder: Path, files: list[str], repo_id: str, target: str, message: str) -> str:
     if target != "main":
         api.create_branch(repo_id, branch=target, exist_ok=True)  # starts from main's head
     info = api.upload_folder(
@@ -118,13 +85,22 @@ def _upload(api: HfApi, folder: Path, files: list[str], repo_id: str, target: st
         folder_path=folder,
         revision=target,
         allow_patterns=[glob.escape(name) for name in files],
-        delete_patterns=list(STAGE_FILE_PATTERNS),
-        commit_message=f"Upload {stage} checkpoint",
+        delete_patterns=[*ADAPTER_FILE_PATTERNS, *STAGE_FILE_PATTERNS],
+        commit_message=message,
     )
     return info.oid
 
 
-def stage_files(folder: Path) -> list[str]:
+def adapter_files(folder: Path) -> list[str]:
+    """Top-level files of an adapter folder to publish: adapter, card, processor files and remote code."""
+    names = sorted(path.name for path in folder.iterdir() if path.is_file())
+    if "adapter_config.json" not in names:
+        raise ValueError(f"{folder} has no adapter_config.json: save the adapter first")
+    patterns = ADAPTER_FILE_PATTERNS + STAGE_FILE_PATTERNS
+    return [name for name in names if name.endswith(".py") or any(fnmatch(name, p) for p in patterns)]
+
+
+def checkpoint_files(folder: Path) -> list[str]:
     """The top-level files of `folder` to publish; raises ValueError if it is not a complete valign checkpoint."""
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
