@@ -25,7 +25,8 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from valign.cli import default_model, load_model
+from valign.checkpoint import load_checkpoint
+from valign.cli import default_model
 from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
 from valign.eval.generate import DecodingSettings, generate_answers
 from valign.processing_valign import load_image
@@ -113,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     name = resolve_model(args.model)
-    model, processor = load_model(name, args.revision)
+    model, processor = load_checkpoint(name, args.revision, device="auto")
     print(f"valign app: model {name}", flush=True)
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
     app = build_app(model, processor, settings, instruction=not args.no_instruction)

@@ -12,7 +12,7 @@ Without `--model`, the offline demo's final checkpoint (`outputs/demo/stages/sta
 image is reported and skipped while the others are processed; the exit status is then 1.
 
 It lives at the package root (`valign.cli`) next to the model files because it is a user-facing front end of the
-model, not an evaluation or training tool; `app.py` shares its model loading.
+model, not an evaluation or training tool; `app.py` shares its default model.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import transformers
 from tqdm.auto import tqdm
 
+from .checkpoint import load_checkpoint
 from .data.prompts import CAPTION_PROMPT, vqa_prompt
 from .eval.generate import DecodingSettings, generate_answers
 from .processing_valign import load_image
@@ -59,20 +59,6 @@ def default_model() -> Path:
         f"no --model given and no demo checkpoint at {DEMO_CHECKPOINT}: train one with `python -m valign.train` "
         "(the offline demo, about 10 minutes on a CPU), or pass --model with a checkpoint folder or a Hub repo id"
     )
-
-
-def load_model(name: str | Path, revision: str | None = None):
-    """Model (eval mode, on the GPU when there is one) and processor of a valign checkpoint folder or Hub repo.
-
-    The model is built with the installed valign classes, so it runs the code of the valign you call. The
-    processor's tokenizer and image processor loaders need `trust_remote_code`: the checkpoint's configs name
-    its remote-code classes, and without it transformers asks interactively.
-    """
-    from . import ValignForConditionalGeneration, ValignProcessor
-
-    model = ValignForConditionalGeneration.from_pretrained(name, revision=revision).eval()
-    processor = ValignProcessor.from_pretrained(name, revision=revision, trust_remote_code=True)
-    return model.to("cuda" if torch.cuda.is_available() else "cpu"), processor
 
 
 def run(
@@ -137,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"valign: error: {error}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        model, processor = load_model(name, args.revision)
+        model, processor = load_checkpoint(name, args.revision, device="auto")
     except (OSError, ValueError) as error:  # missing folder, unknown repo, not a valign checkpoint
         print(f"valign: error: cannot load the model {name}: {error}", file=sys.stderr)
         return EXIT_USAGE

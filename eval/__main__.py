@@ -15,14 +15,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_checkpoint
 from ..data.adapters import caption_references
 from ..data.images import decode_image
 from ..data.prompts import CAPTION_PROMPT
 from ..data.sources import load_rows
 from .captions import evaluate_captions
-from .generate import DecodingSettings, load_checkpoint
-from .vqa import evaluate_vqa
-from .vqa_metrics import is_closed_question
+from .generate import DecodingSettings
+from .vqa import VQA_ARMS, VqaItems, evaluate_vqa
 
 # Karpathy test splits as image + list-of-5-captions tables.
 CAPTION_SETS = {
@@ -45,18 +45,6 @@ def caption_rows(source: str, split: str, limit: int | None) -> tuple[list, list
         references.append(caption_references(row))
         ids.append(str(row.get("image_id", row.get("id", index))))
     return images, references, ids
-
-
-def vqa_rows(source: str, split: str, limit: int | None) -> dict[str, list]:
-    rows = load_rows(source, split, limit=limit)
-    answers = list(rows["answer"])
-    types = list(rows["question_type"]) if "question_type" in rows.column_names else None
-    return {
-        "images": [decode_image(image) for image in rows["image"]],
-        "questions": list(rows["question"]),
-        "answers": answers,
-        "types": types or ["closed" if is_closed_question(a) else "open" for a in answers],
-    }
 
 
 def vqa_text(source: str, split: str) -> tuple[list[str], list[str]]:
@@ -82,21 +70,24 @@ def write_results(results: dict[str, Any], table: str, output: Path) -> None:
     print(f"results: {output} and {output.with_suffix('.md')}")
 
 
+def model_and_settings(args: argparse.Namespace) -> tuple[Any, Any, DecodingSettings]:
+    """The checkpoint, loaded as Hub remote code as users load it, and the decoding settings of the command."""
+    model, processor = load_checkpoint(args.model, args.revision, remote_code=True)
+    return model, processor, DecodingSettings(args.max_new_tokens, args.num_beams, args.batch_size)
+
+
 def run_captions(args: argparse.Namespace) -> None:
-    model, processor = load_checkpoint(args.model, args.revision)
-    model.eval()
+    model, processor, settings = model_and_settings(args)
     source = CAPTION_SETS.get(args.dataset, args.dataset)
     images, references, ids = caption_rows(source, args.split, args.limit)
-    settings = DecodingSettings(args.max_new_tokens, args.num_beams, args.batch_size)
     results = evaluate_captions(model, processor, images, references, ids, args.prompt, settings)
     results |= {"checkpoint": args.model, "revision": model_revision(model, args.revision), "dataset": source}
     write_results(results, caption_table(args.dataset, results["scores"]), args.output)
 
 
 def vqa_table(results: dict[str, Any]) -> str:
-    arms = {"valign": "model", "answer prior (blind)": "answer_prior", "mismatched images (blind)": "mismatched_images"}
     lines = ["| | accuracy ± s.e. | closed | open exact match | open F1 |", "|---|---|---|---|---|"]
-    for label, key in arms.items():
+    for label, key in VQA_ARMS.items():
         if key in results:
             s = results[key]
             cells = [s["closed_accuracy"], s["open_exact_match"], s["open_f1"]]
@@ -106,13 +97,11 @@ def vqa_table(results: dict[str, Any]) -> str:
 
 
 def run_vqa(args: argparse.Namespace) -> None:
-    model, processor = load_checkpoint(args.model, args.revision)
-    model.eval()
+    model, processor, settings = model_and_settings(args)
     source = VQA_SETS.get(args.dataset, args.dataset)
-    rows, train = vqa_rows(source, args.split, args.limit), vqa_text(source, "train")
-    settings = DecodingSettings(args.max_new_tokens, args.num_beams, args.batch_size)
+    items, train = VqaItems.from_rows(load_rows(source, args.split, limit=args.limit)), vqa_text(source, "train")
     results = evaluate_vqa(
-        model, processor, rows["images"], rows["questions"], rows["answers"], rows["types"], *train, settings
+        model, processor, items.images, items.questions, items.answers, items.types, *train, settings
     )
     results |= {"decoding": settings.to_dict(), "dataset": source, "checkpoint": args.model}
     results["revision"] = model_revision(model, args.revision)

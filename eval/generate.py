@@ -7,13 +7,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import transformers
 from tqdm.auto import tqdm
 
 from ..data.prompts import user_turn
-
-# transformers 4.x serves valign through AutoModelForVision2Seq, 5.x (which removed it) through the newer class.
-AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
 
 
 @dataclass
@@ -27,15 +23,6 @@ class DecodingSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def load_checkpoint(name_or_path: str, revision: str | None = None, dtype: torch.dtype | None = None):
-    """A valign checkpoint (local folder or Hub id) and its processor, loaded as Hub remote code, as users do."""
-    model = AUTO_MODEL.from_pretrained(
-        name_or_path, revision=revision, dtype=dtype, attn_implementation="sdpa", trust_remote_code=True
-    )
-    processor = transformers.AutoProcessor.from_pretrained(name_or_path, revision=revision, trust_remote_code=True)
-    return model, processor
 
 
 def chat_prompt(processor, text: str) -> str:

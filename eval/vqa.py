@@ -11,11 +11,41 @@ from __future__ import annotations
 import random
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import datasets
+
+from ..data.images import decode_image
 from ..data.prompts import vqa_prompt
 from .generate import DecodingSettings, generate_answers
-from .vqa_metrics import accuracy_standard_error, normalize_answer, score_vqa
+from .vqa_metrics import accuracy_standard_error, is_closed_question, normalize_answer, score_vqa
+
+# The rows of a VQA report: label -> key of `evaluate_vqa`'s results.
+VQA_ARMS = {"valign": "model", "answer prior (blind)": "answer_prior", "mismatched images (blind)": "mismatched_images"}
+
+
+@dataclass
+class VqaItems:
+    """The test items of a VQA evaluation, images decoded."""
+
+    images: list[Any]
+    questions: list[str]
+    answers: list[str]
+    types: list[str]
+
+    @classmethod
+    def from_rows(cls, rows: datasets.Dataset) -> VqaItems:
+        """Items of PathVQA-schema rows; question types from a `question_type` column, else closed (yes/no
+        answers) or open."""
+        answers = list(rows["answer"])
+        types = list(rows["question_type"]) if "question_type" in rows.column_names else None
+        return cls(
+            images=[decode_image(image) for image in rows.cast_column("image", datasets.Image(decode=False))["image"]],
+            questions=list(rows["question"]),
+            answers=answers,
+            types=types or ["closed" if is_closed_question(a) else "open" for a in answers],
+        )
 
 
 def answer_prior(train_questions: Sequence[str], train_answers: Sequence[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from valign.checkpoint import load_checkpoint
 from valign.data.prompts import vqa_prompt
 from valign.eval.generate import DecodingSettings, generate_answers
 
@@ -139,7 +140,7 @@ def test_without_a_model_the_app_builds_a_tiny_checkpoint_offline_once(monkeypat
     monkeypatch.chdir(tmp_path)
     folder = app_module.resolve_model(None)
     assert Path(folder).resolve() == (tmp_path / app_module.TINY_CHECKPOINT).resolve()
-    model, processor = cli.load_model(folder)
+    model, processor = load_checkpoint(folder)
     answer = generate_answers(model, processor, [shape_image("red")], [QUESTION], DecodingSettings(max_new_tokens=4))
     assert answer[0]
     stamp = (Path(folder) / "model.safetensors").stat().st_mtime_ns

@@ -10,8 +10,8 @@ from conftest import shape_image
 from test_attention import reference_allowed
 from test_training import data_root, stage, weights  # noqa: F401  (data_root is a fixture)
 
-from valign.modeling_valign import build_attention_mask, document_ids_of
-from valign.train.collator import IGNORE_INDEX, ConversationCollator, pack_rows
+from valign.modeling_valign import IGNORE_INDEX, build_attention_mask, document_ids_of
+from valign.train.collator import ConversationCollator, pack_rows
 from valign.train.run import run_stage
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]

@@ -19,10 +19,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from scripts.crossload import fixed_batch
 
+from valign.checkpoint import load_checkpoint
 from valign.configuration_valign import enable_checkpointing
 from valign.data.images import decode_image
 from valign.data.prompts import vqa_prompt
-from valign.eval.generate import DecodingSettings, generate_answers, load_checkpoint
+from valign.eval.generate import DecodingSettings, generate_answers
 from valign.eval.vqa import answer_prior, prior_predictions
 from valign.eval.vqa_metrics import score_vqa
 from valign.hub.push import push_stage

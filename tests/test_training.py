@@ -17,7 +17,8 @@ from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 
 from valign.data.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
-from valign.train.collator import IGNORE_INDEX, ConversationCollator, mask_answer_tokens, sample_generator
+from valign.modeling_valign import IGNORE_INDEX
+from valign.train.collator import ConversationCollator, mask_answer_tokens, sample_generator
 from valign.train.config import StageConfig
 from valign.train.run import ensure_mask_token, run_recipe, run_stage
 from valign.train.trainer import module_of, set_trainable

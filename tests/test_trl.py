@@ -10,8 +10,9 @@ from packaging.version import Version
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from valign.eval.generate import load_checkpoint
-from valign.train.collator import IGNORE_INDEX, ConversationCollator
+from valign.checkpoint import load_checkpoint
+from valign.modeling_valign import IGNORE_INDEX
+from valign.train.collator import ConversationCollator
 from valign.train.peft_vqa import add_lora, lora_config, vqa_rows, vqa_training_set
 
 

@@ -2,7 +2,7 @@
 
     python -m valign.train                                   the embedded default: the offline CPU demo
     python -m valign.train demo [--output DIR] [--resume]
-    python -m valign.train ablations [--output DIR] [--arms paper causal no-alignment human]
+    python -m valign.train ablations [--output DIR] [--arms ARM ...]
     python -m valign.train recipe paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
         [--data-root DIR] [--resume] [--push-to-hub USER/REPO] [--max-steps N]
@@ -17,23 +17,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from accelerate import PartialState
-
 from ..hub.card import write_model_card
 from ..modeling_valign import ValignForConditionalGeneration
+from .ablations import ARMS
 from .config import StageConfig
+from .distributed import is_main_process, wait_for_everyone
 from .run import run_recipe, run_stage
 
 
 def assemble_init(vision: str, text: str, gguf_file: str | None, folder: Path) -> Path:
     """A stage-0 starting checkpoint from pretrained backbones (fresh projector), made once across processes."""
-    state = PartialState()
-    if state.is_main_process:
+    if is_main_process():
         model, processor = ValignForConditionalGeneration.from_backbones(vision, text, gguf_file=gguf_file)
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
         write_model_card(folder, base_models=[vision, text], summary="Assembled from its backbones; not trained yet.")
-    state.wait_for_everyone()
+    wait_for_everyone()
     return folder
 
 
@@ -47,7 +46,7 @@ def parser() -> argparse.ArgumentParser:
 
     ablations = commands.add_parser("ablations", help="the paper's ablations, miniature, on the demo")
     ablations.add_argument("--output", type=Path, default=Path("outputs/ablations"))
-    ablations.add_argument("--arms", nargs="+", help="a subset of: paper causal no-alignment human")
+    ablations.add_argument("--arms", nargs="+", choices=list(ARMS), help="a subset of the arms (default: all)")
 
     recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
     recipe.add_argument("recipe", help="a folder of stage*.yaml files, or a shipped recipe's name: demo, paper")
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("stage needs --init CHECKPOINT (the previous stage's output folder)")
         config = StageConfig.from_yaml(args.config, **overrides["*"])
         run_stage(config, args.init, args.output, args.data_root, args.resume)
-        if PartialState().is_main_process:
+        if is_main_process():
             write_model_card(args.output)  # the stage, its configuration and data come from its stage record
         return
     init = args.init or assemble_init(args.vision, args.text, args.gguf_file, args.output / "init")

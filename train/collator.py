@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-IGNORE_INDEX = -100
+from ..modeling_valign import IGNORE_INDEX
 
 
 def conversation_with_image(messages: list[dict], image: Any) -> list[dict]:

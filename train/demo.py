@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import load_checkpoint
 from ..data.prompts import CAPTION_PROMPT, VQA_INSTRUCTION
 from ..data.synthetic import load_easy_vqa, make_caption_dataset, make_caption_eval_set, write_parquet
 from ..eval.captions import evaluate_captions
 from ..eval.generate import DecodingSettings
-from ..eval.vqa import evaluate_vqa
+from ..eval.vqa import VQA_ARMS, evaluate_vqa
 from ..hub.card import Benchmark, eval_results_from_json, write_model_card
 from ..modeling_valign import ValignForConditionalGeneration
-from ..processing_valign import ValignProcessor
 from .backbones import build_tiny_backbones
 from .run import StageResult, run_recipe
 
@@ -100,8 +100,7 @@ def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
 
 
 def evaluate_demo(checkpoint: Path, sizes: DemoSizes) -> tuple[dict, dict]:
-    model = ValignForConditionalGeneration.from_pretrained(checkpoint).eval()
-    processor = ValignProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    model, processor = load_checkpoint(checkpoint)
     settings = DecodingSettings(max_new_tokens=40, batch_size=32)
     eval_set = make_caption_eval_set(sizes.caption_eval, image_size=sizes.image_size)
     captions = evaluate_captions(
@@ -134,11 +133,10 @@ def report(result: DemoResult) -> str:
     scores = result.captions["scores"]
     lines += ["", f"Captions ({len(result.captions['captions'])} held-out scenes, greedy): "]
     lines[-1] += ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items())
-    arms = {"valign": "model", "answer prior (blind)": "answer_prior", "mismatched images (blind)": "mismatched_images"}
     types = sorted(result.vqa["model"]["per_type"])
     lines += ["", "| VQA (easy-VQA test) | accuracy ± s.e. | " + " | ".join(types) + " |"]
     lines += ["|---|---|" + "---|" * len(types)]
-    for label, key in arms.items():
+    for label, key in VQA_ARMS.items():
         s = result.vqa[key]
         per_type = " | ".join(percent(s["per_type"][t]) for t in types)
         lines.append(f"| {label} | {percent(s)} ± {100 * s['accuracy_stderr']:.1f} | {per_type} |")

@@ -28,13 +28,12 @@ import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 
+from ..checkpoint import load_checkpoint
 from ..configuration_valign import checkpointing_arguments
 from ..data.adapters import adapt
-from ..data.images import decode_image
 from ..data.prompts import VQA_INSTRUCTION
 from ..data.sources import EASY_VQA, load_rows
-from ..eval.generate import load_checkpoint
-from ..eval.vqa import evaluate_vqa
+from ..eval.vqa import VqaItems, evaluate_vqa
 from ..hub.card import Benchmark, eval_results_from_json, merged_model_card
 from ..hub.push import checkpoint_files, push_stage
 from .collator import ConversationCollator
@@ -199,13 +198,13 @@ def evaluate_rows(
 ) -> dict[str, Any]:
     """`eval.vqa.evaluate_vqa` on PathVQA-schema rows: the model, the model on mismatched images and, given
     `train_rows`, the per-question answer prior. `settings`: `eval.generate.DecodingSettings`."""
-    images = [decode_image(image) for image in rows.cast_column("image", datasets.Image(decode=False))["image"]]
+    items = VqaItems.from_rows(rows)
     prior = {}
     if train_rows is not None:
         prior = {"train_questions": list(train_rows["question"]), "train_answers": list(train_rows["answer"])}
-    types = list(rows["question_type"]) if "question_type" in rows.column_names else None
-    questions, answers = list(rows["question"]), list(rows["answer"])
-    return evaluate_vqa(model, processor, images, questions, answers, types, settings=settings, **prior)
+    return evaluate_vqa(
+        model, processor, items.images, items.questions, items.answers, items.types, settings=settings, **prior
+    )
 
 
 # --------------------------------------------------------------------------- command line

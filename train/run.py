@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch.utils.data import ConcatDataset
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..checkpoint import load_checkpoint
 from ..configuration_valign import checkpointing_arguments
 from ..data.adapters import build_dataset
 from ..data.skips import SkipCounter
@@ -28,6 +28,7 @@ from ..modeling_valign import ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
 from .collator import ConversationCollator
 from .config import StageConfig
+from .distributed import is_main_process, wait_for_everyone
 from .trainer import SkipReportCallback, TrainingLogCallback, ValignTrainer, read_training_log, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,7 @@ def run_stage(
     """Train one stage from the checkpoint `init_from`; the final checkpoint goes to `output_dir`."""
     output_dir = Path(output_dir)
     data_root = Path(data_root) if data_root is not None else None
-    model = ValignForConditionalGeneration.from_pretrained(init_from, attn_implementation="sdpa")
-    processor = ValignProcessor.from_pretrained(init_from, trust_remote_code=True)  # sub-configs name remote code
+    model, processor = load_checkpoint(init_from)
     model.config.attn_mode = config.attn_mode  # the checkpoint carries the policy it was trained with
     mask_token_id = ensure_mask_token(model, processor, config.mask_token) if config.text_mask_ratio > 0 else None
     trainable = set_trainable(model, config.learning_rates)
@@ -162,13 +162,12 @@ def run_stage(
     checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     trainer.train(resume_from_checkpoint=checkpoint)
 
-    if trainer.is_world_process_zero():
+    if is_main_process():
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         (output_dir / STAGE_RECORD).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"{config.name}: {skips.report()}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # the next stage loads this folder in every process
+    wait_for_everyone()  # the next stage loads this folder in every process
     log = read_training_log(output_dir / "training_log.jsonl") if (output_dir / "training_log.jsonl").exists() else []
     return StageResult(
         name=config.name,
@@ -177,10 +176,6 @@ def run_stage(
         last_loss=log[-1]["loss"] if log else None,
         skip_report=skips.report(),
     )
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def recipe_stages(recipe: str | Path) -> list[Path]:
