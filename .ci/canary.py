@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -78,51 +80,73 @@ def registry_versions() -> list[Version]:
     return versions
 
 
-def run_env(name: str, expected: str, spec: str, pip_args: list[str], tests: list[str]) -> tuple[str, str | None]:
-    """Install one environment and run the tests; return (summary line, failure line or None).
+@dataclass
+class Env:
+    name: str  # newest, pre-release, supported
+    expected: str  # the transformers version it is meant to get
+    spec: str  # the transformers requirement given to pip
+    pip_args: list[str]
 
-    `expected` names the transformers version the environment is meant to get (for the install-failure line).
-    """
-    venv = REPO / f".venv-canary-{name}-{expected}"
-    shutil.rmtree(venv, ignore_errors=True)
-    python = venv / "bin" / "python"
+    @property
+    def venv(self) -> Path:
+        return REPO / f".venv-canary-{self.name}-{self.expected}"
+
+    @property
+    def python(self) -> str:
+        return str(self.venv / "bin" / "python")
+
+
+def install(env: Env) -> dict:
+    """Make the environment; return its transformers and huggingface_hub versions, or the failure. Runs in a
+    background thread while the previous environment's tests run, so it prints nothing itself."""
     start = time.monotonic()
-    say(f"\n=== canary [{name}]: {TORCH_SPEC} -e . pytest {spec} {' '.join(pip_args)}".rstrip())
+    shutil.rmtree(env.venv, ignore_errors=True)
     steps = [
-        [PYTHON, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-        [str(python), "-m", "pip", "install", "--quiet", *pip_args, TORCH_SPEC, "-e", ".", "pytest", spec],
+        [PYTHON, "-m", "venv", str(env.venv)],
+        [env.python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+        [env.python, "-m", "pip", "install", "--quiet", *env.pip_args, TORCH_SPEC, "-e", ".", "pytest", env.spec],
+        [
+            env.python,
+            "-c",
+            "import huggingface_hub, transformers; print(transformers.__version__, huggingface_hub.__version__)",
+        ],
     ]
     for step in steps:
         done = subprocess.run(step, cwd=REPO, capture_output=True, text=True)
         if done.returncode != 0:
-            say(done.stdout + done.stderr)
-            error = [line for line in done.stderr.splitlines() if line.startswith("ERROR")] or ["(no error line)"]
-            return "", f"canary: transformers {expected} ({name}) fails to install: {error[0]}"
-    probe = "import huggingface_hub, tokenizers, transformers as t; print(t.__version__, huggingface_hub.__version__)"
-    version, hub = subprocess.run([str(python), "-c", probe], capture_output=True, text=True).stdout.split()
-    say(f"installed: transformers {version}, huggingface_hub {hub} ({time.monotonic() - start:.0f} s)")
-    if version != expected and expected[0].isdigit():
-        say(f"canary: note: the {name} environment got transformers {version}, not {expected}")
+            lines = done.stderr.splitlines()
+            errors = [line for line in lines if line.startswith("ERROR") and not line.startswith("ERROR: Ignored")]
+            error = re.sub(r" \(from versions:.*", "", (errors or lines[-1:] or ["(no error output)"])[0])[:300]
+            return {"log": done.stdout + done.stderr, "error": error}
+    version, hub = done.stdout.split()
+    return {"version": version, "hub": hub, "seconds": time.monotonic() - start}
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VALIGN_TF4_PYTHON": str(TF4_PYTHON)}
-    junit = venv / "junit.xml"
-    cmd = [str(python), "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *tests]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+def run_tests(env: Env, installed: dict, tests: list[str]) -> tuple[str, str | None]:
+    """Run the tests in an installed environment; return (summary line, failure line or None)."""
+    start = time.monotonic()
+    version = installed["version"]
+    say(f"installed: transformers {version}, huggingface_hub {installed['hub']} ({installed['seconds']:.0f} s)")
+    if version != env.expected and env.expected[0].isdigit():
+        say(f"canary: note: the {env.name} environment got transformers {version}, not {env.expected}")
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "VALIGN_TF4_PYTHON": str(TF4_PYTHON)}
+    junit = env.venv / "junit.xml"
+    cmd = [env.python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *tests]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:  # shown as it runs, kept for the summary
         print(line, end="", flush=True)
         lines.append(line.rstrip("\n"))
     code = proc.wait()
-    counts = junit_counts(junit)
-    minutes = f"{(time.monotonic() - start) / 60:.1f} min"
-    label = f"transformers {version} ({name}, huggingface_hub {hub})"
+    minutes = (installed["seconds"] + time.monotonic() - start) / 60
+    summary = f"canary: transformers {version} ({env.name}, huggingface_hub {installed['hub']}): "
+    summary += f"{junit_counts(junit)}, {minutes:.1f} min"
     if code == 0:
-        return f"canary: {label}: {counts}, {minutes}", None
+        return summary, None
     # -ra's short summary: "FAILED tests/x.py::test_y - AssertionError ..." / "ERROR tests/x.py - ImportError ..."
     failed = [m.group(1) for line in lines if (m := re.match(r"(?:FAILED|ERROR) (\S+)", line))]
     first = failed[0] if failed else f"pytest (exit status {code}: {lines[-1] if lines else 'no output'})"
-    return f"canary: {label}: {counts}, {minutes}", f"canary: transformers {version} ({name}) fails {first}"
+    return summary, f"canary: transformers {version} ({env.name}) fails {first}"
 
 
 def junit_counts(path: Path) -> str:
@@ -150,31 +174,42 @@ def main() -> int:
 
     allowed = transformers_range()
     summaries, failures, notes = [], [], []
-    envs = []
+    envs: list[Env] = []
     try:
         versions = registry_versions()
         release = max(v for v in versions if not v.is_prerelease)
         newest = max(v for v in versions if not v.is_prerelease and v in allowed)  # what a fresh install gets
-        envs.append(("newest", str(newest), "transformers", []))
+        envs.append(Env("newest", str(newest), "transformers", []))
         pre = max((v for v in versions if v.is_prerelease), default=None)
         untested = [] if release in allowed else [release]
         if pre is not None and pre > release:
             if allowed.contains(pre, prereleases=True):
-                envs.append(("pre-release", str(pre), f"transformers=={pre}", ["--pre"]))
+                envs.append(Env("pre-release", str(pre), f"transformers=={pre}", ["--pre"]))
             else:
                 untested.append(pre)
         for version in untested:
             notes.append(f"canary: note: transformers {version} is out; setup.cfg admits {allowed}: not tested")
     except (RuntimeError, ValueError, KeyError, json.JSONDecodeError) as error:
         failures.append(f"canary: cannot list transformers releases: {error}")
-        envs.append(("newest", "newest", "transformers", []))
-    tested = {expected for _, expected, _, _ in envs}
-    envs += [("supported", v, f"transformers=={v}", []) for v in SUPPORTED if v not in tested]
+        envs.append(Env("newest", "newest", "transformers", []))
+    tested = {env.expected for env in envs}
+    envs += [Env("supported", v, f"transformers=={v}", []) for v in SUPPORTED if v not in tested]
 
-    for name, expected, spec, pip_args in envs:
-        summary, failure = run_env(name, expected, spec, pip_args, tests)
-        summaries += [summary] if summary else []
-        failures += [failure] if failure else []
+    # One install at a time, in the background: the next environment installs while this one's tests run.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        installs = [pool.submit(install, env) for env in envs]
+        for env, future in zip(envs, installs):
+            say(f"\n=== canary [{env.name}]: {TORCH_SPEC} -e . pytest {' '.join([*env.pip_args, env.spec])}")
+            installed = future.result()
+            if "error" in installed:
+                say(installed["log"])
+                failures.append(
+                    f"canary: transformers {env.expected} ({env.name}) fails to install: {installed['error']}"
+                )
+                continue
+            summary, failure = run_tests(env, installed, tests)
+            summaries.append(summary)
+            failures += [failure] if failure else []
     say("")
     for line in [*notes, *summaries, *failures]:
         say(line)
