@@ -25,6 +25,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
+import valign
 from valign.checkpoint import load_checkpoint
 from valign.cli import default_model
 from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
@@ -40,7 +41,6 @@ def tiny_checkpoint(folder: Path = TINY_CHECKPOINT) -> Path:
     """A valign checkpoint from tiny random backbones, built offline once (a few seconds) and reused."""
     if (folder / "config.json").is_file():
         return folder
-    from valign import ValignForConditionalGeneration
     from valign.train.backbones import build_tiny_backbones
 
     # Built beside the target and renamed at the end, so an interrupted build is never taken for a checkpoint.
@@ -48,7 +48,7 @@ def tiny_checkpoint(folder: Path = TINY_CHECKPOINT) -> Path:
     shutil.rmtree(partial, ignore_errors=True)
     torch.manual_seed(0)
     vision, text = build_tiny_backbones(partial / "backbones")
-    model, processor = ValignForConditionalGeneration.from_backbones(str(vision), str(text))
+    model, processor = valign.from_backbones(str(vision), str(text))
     model.save_pretrained(partial)
     processor.save_pretrained(partial)
     partial.rename(folder)

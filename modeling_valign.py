@@ -338,33 +338,6 @@ class ValignModel(ValignPreTrainedModel):
         )
 
 
-def resolution_of(image_processor, encoder: nn.Module, vision_config) -> int:
-    """The side of the square images `image_processor` makes, checked against what `encoder` can take.
-
-    The processor decides, not the encoder's config: DINOv2 folders declare 518 px but crop 224. An encoder fed
-    another size than its config's must interpolate its position embeddings (SigLIP, CLIP and DINOv2 can).
-    """
-    from PIL import Image
-
-    if getattr(vision_config, "num_patches", None):
-        raise ValueError("patch-sequence (NaFlex) encoders are not supported: use a fixed-resolution checkpoint")
-    probe = Image.new("RGB", (3 * vision_config.patch_size * 7, 2 * vision_config.patch_size * 7))  # 3:2, any size
-    height, width = image_processor(probe, return_tensors="pt")["pixel_values"].shape[-2:]
-    if height != width:
-        raise ValueError(f"the image processor makes {height}×{width} images: valign needs square ones")
-    if height % vision_config.patch_size:
-        raise ValueError(
-            f"the image processor makes {height}-px images, not a multiple of the {vision_config.patch_size}-px patches"
-        )
-    embeddings = getattr(unwrap_vision_encoder(encoder), "embeddings", None)
-    if height != vision_config.image_size and not hasattr(embeddings, "interpolate_pos_encoding"):
-        raise ValueError(
-            f"the image processor makes {height}-px images but the {vision_config.model_type} encoder was trained at "
-            f"{vision_config.image_size} px and cannot interpolate its position embeddings"
-        )
-    return int(height)
-
-
 class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
 
@@ -376,82 +349,6 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
         self.post_init()
         # Generating an image token would make the next step look like an image without pixels.
         self.generation_config.suppress_tokens = [config.image_token_id]
-
-    @classmethod
-    def from_backbones(
-        cls,
-        vision: str = "google/siglip-so400m-patch14-224",
-        text: str = "Qwen/Qwen2.5-0.5B-Instruct",
-        *,
-        gguf_file: str | None = None,
-        image_token: str = "<|image_pad|>",
-        dtype: torch.dtype | None = None,
-        attn_implementation: str = "sdpa",
-        **config_kwargs,
-    ):
-        """Assemble a valign model and its processor from a pretrained vision encoder and language model.
-
-        `vision` and `text` are Hub ids or local folders; `gguf_file` loads the language model from a GGUF file
-        in `text`. The projector is freshly initialised. The tokenizer's image token is reused when it has one
-        (Qwen2.5 has `<|image_pad|>`), else it is added, with ChatML tokens where missing, and the embeddings
-        grow to match. `config_kwargs` go to `ValignConfig` (attn_mode, projector_hidden_size, ...).
-
-        Returns:
-            `(model, processor)`.
-        """
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-        from .processing_valign import ValignProcessor, prepare_tokenizer
-
-        vision_config = AutoConfig.from_pretrained(vision)
-        vision_config = getattr(vision_config, "vision_config", vision_config)  # dual encoders: the image half
-        if hasattr(vision_config, "vision_use_head"):
-            vision_config.vision_use_head = False  # SigLIP's pooling head is unused: keep its weights out
-        encoder = MODEL_MAPPING[type(vision_config)].from_pretrained(
-            vision, config=vision_config, dtype=dtype, attn_implementation=attn_implementation
-        )
-        image_processor = AutoImageProcessor.from_pretrained(vision)
-        image_size = resolution_of(image_processor, encoder, vision_config)
-        if config_kwargs.pop("image_size", image_size) != image_size:
-            raise ValueError(
-                f"image_size follows the image processor, which makes {image_size}-px images: "
-                "change the processor's size (and crop) instead"
-            )
-        lm = AutoModelForCausalLM.from_pretrained(
-            text, gguf_file=gguf_file, dtype=dtype, attn_implementation=attn_implementation
-        )
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(text, gguf_file=gguf_file), image_token)
-
-        config = ValignConfig(
-            vision_config=vision_config,
-            text_config=lm.config,
-            image_token_id=tokenizer.convert_tokens_to_ids(image_token),
-            image_size=image_size,
-            **config_kwargs,
-        )
-        model = cls(config)
-        model.model.vision_tower = unwrap_vision_encoder(encoder)
-        model.model.language_model = lm.get_decoder()
-        model.lm_head = lm.get_output_embeddings()
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
-        model.tie_weights()
-        model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        model.to(dtype or lm.dtype)
-
-        vision_start, vision_end = "<|vision_start|>", "<|vision_end|>"
-        has_wrap = all(token in tokenizer.get_vocab() for token in (vision_start, vision_end))
-        processor = ValignProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            image_seq_length=config.image_seq_length,
-            image_token=image_token,
-            vision_start_token=vision_start if has_wrap else None,
-            vision_end_token=vision_end if has_wrap else None,
-        )
-        return model, processor
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

@@ -235,16 +235,6 @@ class ValignProcessor(ProcessorMixin):
         return saved
 
 
-def prepare_tokenizer(tokenizer, image_token: str):
-    """Make a language model's tokenizer ready for valign: image and ChatML tokens and a pad token."""
-    missing = [t for t in (image_token, "<|im_start|>", "<|im_end|>") if t not in tokenizer.get_vocab()]
-    if missing:
-        tokenizer.add_tokens(missing, special_tokens=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token
-    return tokenizer
-
-
 def pad_offsets(offsets: list[tuple[int, int]], width: int, side: str) -> list[tuple[int, int]]:
     """Pad offsets like the ids they describe; (0, 0) is the zero-width span of a padding token."""
     fill = [(0, 0)] * (width - len(offsets))

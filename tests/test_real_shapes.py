@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from scripts.crossload import CHAT_QUESTIONS, backbone_kwargs, load, report, shape_image
 from torch import nn
 
+import valign
 from valign import ValignForConditionalGeneration
-from valign.modeling_valign import resolution_of
+from valign.train.assembly import resolution_of
 from valign.train.backbones import QWEN_ADDITIONAL_SPECIAL_TOKENS, build_tiny_backbones, image_processor_class
 
 TEXTS = ("qwen2.5", "smollm2")
@@ -55,7 +56,7 @@ def assemble(tmp_path_factory) -> Callable[..., Assembled]:
             folder = tmp_path_factory.mktemp(f"{vision}-{text}")
             vision_dir, text_dir = build_tiny_backbones(folder, **kwargs)
             torch.manual_seed(0)
-            model, processor = ValignForConditionalGeneration.from_backbones(str(vision_dir), str(text_dir))
+            model, processor = valign.from_backbones(str(vision_dir), str(text_dir))
             built[key] = Assembled(vision_dir, text_dir, model.eval(), processor)
         return built[key]
 
@@ -89,9 +90,7 @@ def assert_features_are_the_encoders(assembled: Assembled, vision: str, batch: d
         features = assembled.model(**batch).image_hidden_states
         expected = encoder_features(assembled, vision, pixel_values, **encoder_kwargs)
         torch.testing.assert_close(features, assembled.model.multi_modal_projector(expected))
-        inner, _ = ValignForConditionalGeneration.from_backbones(
-            str(assembled.vision_dir), str(assembled.text_dir), vision_feature_layer=-2
-        )
+        inner, _ = valign.from_backbones(str(assembled.vision_dir), str(assembled.text_dir), vision_feature_layer=-2)
         expected = encoder_features(assembled, vision, pixel_values, layer=-2, **encoder_kwargs)
         torch.testing.assert_close(inner.eval().get_image_features(pixel_values), inner.multi_modal_projector(expected))
 
@@ -133,10 +132,10 @@ def test_image_sizes_valign_cannot_use_are_refused_clearly(assemble, tmp_path):
     text = str(assembled.text_dir)
     wide = vision_folder_with_processor(assembled, tmp_path / "wide", size={"height": 32, "width": 40})
     with pytest.raises(ValueError, match=r"makes 32×40 images: valign needs square ones"):
-        ValignForConditionalGeneration.from_backbones(wide, text)
+        valign.from_backbones(wide, text)
     odd = vision_folder_with_processor(assembled, tmp_path / "odd", size={"height": 36, "width": 36})
     with pytest.raises(ValueError, match="36-px images, not a multiple of the 8-px patches"):
-        ValignForConditionalGeneration.from_backbones(odd, text)
+        valign.from_backbones(odd, text)
     # an encoder without position-embedding interpolation can only take its config's size
     rigid = nn.Module()
     rigid.embeddings = nn.Identity()
@@ -146,7 +145,7 @@ def test_image_sizes_valign_cannot_use_are_refused_clearly(assemble, tmp_path):
         resolution_of(larger, rigid, vision_config)
     assert resolution_of(larger, assembled.model.vision_tower, vision_config) == 48  # SigLIP can
     with pytest.raises(ValueError, match="image_size follows the image processor, which makes 32-px images"):
-        ValignForConditionalGeneration.from_backbones(str(assembled.vision_dir), text, image_size=48)
+        valign.from_backbones(str(assembled.vision_dir), text, image_size=48)
     naflex = copy.copy(vision_config)
     naflex.num_patches = 256
     with pytest.raises(ValueError, match="NaFlex"):

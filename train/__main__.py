@@ -18,22 +18,11 @@ import argparse
 from pathlib import Path
 
 from ..hub.card import write_model_card
-from ..modeling_valign import ValignForConditionalGeneration
 from .ablations import ARMS
+from .assembly import assemble_init
 from .config import StageConfig
-from .distributed import is_main_process, wait_for_everyone
+from .distributed import is_main_process
 from .run import run_recipe, run_stage
-
-
-def assemble_init(vision: str, text: str, gguf_file: str | None, folder: Path) -> Path:
-    """A stage-0 starting checkpoint from pretrained backbones (fresh projector), made once across processes."""
-    if is_main_process():
-        model, processor = ValignForConditionalGeneration.from_backbones(vision, text, gguf_file=gguf_file)
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-        write_model_card(folder, base_models=[vision, text], summary="Assembled from its backbones; not trained yet.")
-    wait_for_everyone()
-    return folder
 
 
 def parser() -> argparse.ArgumentParser:

@@ -2,7 +2,7 @@
 
 `build_tiny_backbones` writes a vision encoder (with its image processor) and a causal LM (with a byte-level BPE
 tokenizer trained on the fly), each with `save_pretrained`, so that
-`ValignForConditionalGeneration.from_backbones(vision_dir, text_dir)` runs the real loading code with no network.
+`valign.from_backbones(vision_dir, text_dir)` runs the real loading code with no network.
 
 By default it writes a SigLIP encoder and a Qwen2 LM whose tokenizer already pads left and has valign's tokens.
 `vision=` and `text=` pick folders shaped like real backbones instead, in the ways valign has to adapt to:

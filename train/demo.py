@@ -25,7 +25,7 @@ from ..eval.captions import evaluate_captions
 from ..eval.generate import DecodingSettings
 from ..eval.vqa import VQA_ARMS, evaluate_vqa
 from ..hub.card import Benchmark, eval_results_from_json, write_model_card
-from ..modeling_valign import ValignForConditionalGeneration
+from .assembly import from_backbones
 from .backbones import build_tiny_backbones
 from .run import StageResult, run_recipe
 
@@ -93,7 +93,7 @@ def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
         init_std=0.02,
         corpus=demo_corpus(sizes),
     )
-    model, processor = ValignForConditionalGeneration.from_backbones(str(vision), str(text))
+    model, processor = from_backbones(str(vision), str(text))
     model.save_pretrained(folder / "init")
     processor.save_pretrained(folder / "init")
     return folder / "init"

@@ -109,14 +109,14 @@ def report(model, processor, out: str) -> None:
 
 
 def real_shapes(spec_file: str) -> None:
-    from valign import ValignForConditionalGeneration
+    import valign
     from valign.train.backbones import build_tiny_backbones
 
     spec = json.loads(Path(spec_file).read_text())
     for folder, vision, text, out in spec.get("build", []):
         backbones = build_tiny_backbones(folder + "-bb", **backbone_kwargs(vision, text))
         torch.manual_seed(0)
-        model, processor = ValignForConditionalGeneration.from_backbones(*map(str, backbones))
+        model, processor = valign.from_backbones(*map(str, backbones))
         model.eval().save_pretrained(folder)
         processor.save_pretrained(folder)
         report(model, processor, out)
@@ -131,11 +131,11 @@ def backbone_kwargs(vision: str, text: str) -> dict:
 
 
 def build(folder: str) -> None:
-    from valign import ValignForConditionalGeneration
+    import valign
     from valign.train.backbones import build_tiny_backbones
 
     torch.manual_seed(0)
-    model, processor = ValignForConditionalGeneration.from_backbones(*map(str, build_tiny_backbones(folder + "-bb")))
+    model, processor = valign.from_backbones(*map(str, build_tiny_backbones(folder + "-bb")))
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
 
