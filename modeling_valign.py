@@ -275,6 +275,27 @@ class ValignModel(ValignPreTrainedModel):
                 + ("" if packed else ", or use attn_mode='causal'")
             )
 
+    def attention_mask_for(
+        self,
+        image_mask: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mode: str | None = None,
+        past_length: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor | None:
+        """The attention mask `forward` hands the language model (see `build_attention_mask`): `image_mask` is True
+        at the image tokens of the current chunk (None: none), `attn_mode` defaults to the config's, and packed
+        samples (padding-free position ids, no attention mask) stay apart. Refuses a kernel that would ignore it."""
+        mode = attn_mode or self.config.attn_mode
+        document_ids = packed_document_ids(position_ids, attention_mask, past_length)
+        mask = build_attention_mask(
+            attention_mask, image_mask, mode, past_length, self.config.image_seq_length, dtype, document_ids
+        )
+        if mask is not None and mask.ndim == 4:
+            self._check_attn_implementation(mode, packed=document_ids is not None)
+        return mask
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -296,7 +317,6 @@ class ValignModel(ValignPreTrainedModel):
         if mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {mode!r}")
         past_length = cache.get_seq_length() if cache is not None else 0
-        document_ids = packed_document_ids(position_ids, attention_mask, past_length)
 
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -307,20 +327,11 @@ class ValignModel(ValignPreTrainedModel):
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
 
-        batch, q = image_mask.shape
-        if position_ids is None:
+        image_mask = image_mask if image_features is not None else None
+        mask = self.attention_mask_for(image_mask, attention_mask, position_ids, mode, past_length, inputs_embeds.dtype)
+        if position_ids is None:  # after the mask: given position ids may mark packed samples, derived ones never do
+            batch, q = inputs_embeds.shape[:2]
             position_ids = positions_from_padding(attention_mask, batch, q, past_length, inputs_embeds.device)
-        mask = build_attention_mask(
-            attention_mask,
-            image_mask if image_features is not None else None,
-            mode,
-            past_length,
-            self.config.image_seq_length,
-            inputs_embeds.dtype,
-            document_ids,
-        )
-        if mask is not None and mask.ndim == 4:
-            self._check_attn_implementation(mode, packed=document_ids is not None)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,

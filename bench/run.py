@@ -44,7 +44,8 @@ from valign import ValignConfig, ValignForConditionalGeneration
 from valign.data.adapters import adapt
 from valign.data.prompts import CAPTION_PROMPT
 from valign.data.synthetic import make_caption_dataset
-from valign.modeling_valign import IGNORE_INDEX, build_attention_mask, packed_document_ids
+from valign.eval.generate import chat_prompt
+from valign.modeling_valign import IGNORE_INDEX
 from valign.processing_valign import ValignProcessor
 from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import image_processor_class, train_tokenizer
@@ -91,12 +92,14 @@ def small_config(vocab_size: int, image_token_id: int) -> ValignConfig:
         tie_word_embeddings=True,
         rope_theta=1_000_000.0,
     )
-    return ValignConfig(vision_config=vision, text_config=text, image_token_id=image_token_id)
+    return ValignConfig(
+        vision_config=vision, text_config=text, image_token_id=image_token_id, attn_implementation="sdpa"
+    )
 
 
 def paper_config(vocab_size: int, image_token_id: int) -> ValignConfig:
     """SigLIP so400m-patch14-224 + Qwen2.5-0.5B (valign's defaults); the vocabulary stays Qwen's 151,936."""
-    return ValignConfig(image_token_id=image_token_id)
+    return ValignConfig(image_token_id=image_token_id, attn_implementation="sdpa")
 
 
 def shapes() -> dict[str, Shape]:
@@ -173,7 +176,7 @@ def build_models(shape: Shape, workload: Workload) -> dict[bool, torch.nn.Module
     tokenizer = workload.processor.tokenizer
     config = shape.config(len(tokenizer), workload.processor.image_token_id)
     torch.manual_seed(0)
-    model = ValignForConditionalGeneration._from_config(config, attn_implementation="sdpa")
+    model = ValignForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     return {False: model.to(device()), True: llava_twin(model).to(device())}
@@ -266,18 +269,12 @@ def packing_loss_gap(model, workload: Workload) -> float:
 
 def mask_seconds(model, batches: list[dict], variant: Variant) -> float:
     """Time spent building the attention mask for these batches (once per forward pass)."""
-    config = model.config
     dtype = next(model.parameters()).dtype
 
     def build(batch: dict) -> None:
-        build_attention_mask(
-            batch.get("attention_mask"),
-            batch["input_ids"] == config.image_token_id,
-            variant.attn_mode,
-            0,
-            config.image_seq_length,
-            dtype,
-            packed_document_ids(batch.get("position_ids"), batch.get("attention_mask"), 0),
+        image_mask = batch["input_ids"] == model.config.image_token_id
+        model.model.attention_mask_for(
+            image_mask, batch.get("attention_mask"), batch.get("position_ids"), variant.attn_mode, dtype=dtype
         )
 
     return sum(median_time(lambda b=b: build(b), repeats=5) for b in batches)
@@ -299,10 +296,7 @@ def generation(models, shape: Shape, workload: Workload, variants: list[Variant]
     """Time to the first token (prefill: vision tower, projector, prompt) and decode tokens/s between the first and
     the last token, from the same generate calls, the variants taking turns; peak memory on an extra call."""
     processor = workload.processor
-    prompt = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": CAPTION_PROMPT}]}],
-        add_generation_prompt=True,
-    )
+    prompt = chat_prompt(processor, CAPTION_PROMPT)
     inputs = processor(images=workload.images[:batch_size], text=[prompt] * batch_size)
     inputs = {k: (v.to(shape.dtype) if v.is_floating_point() else v).to(device()) for k, v in inputs.items()}
     n = shape.new_tokens
