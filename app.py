@@ -64,20 +64,26 @@ def resolve_model(name: str | None) -> str | Path:
         return tiny_checkpoint()
 
 
-def build_app(model, processor, settings: DecodingSettings, instruction: bool = True) -> gr.Blocks:
-    """`instruction`: send questions with the short-answer instruction the recipe trains VQA with."""
+def answer(
+    model, processor, settings: DecodingSettings, image_path: str | None, question: str, instruction: bool = True
+) -> str:
+    """What the app shows for an uploaded image and a question: a caption when the question is empty; with
+    `instruction`, the question goes with the short-answer instruction the recipe trains VQA with."""
+    if image_path is None:
+        raise gr.Error("Upload an image first.")
+    try:
+        image = load_image(image_path)
+    except ValueError as error:
+        raise gr.Error(str(error)) from error
+    question = question.strip()
+    asked = vqa_prompt(question) if instruction else question
+    prompt = asked if question else CAPTION_PROMPT
+    return generate_answers(model, processor, [image], [prompt], settings, progress=False)[0]
 
-    def answer(image_path: str | None, question: str) -> str:
-        if image_path is None:
-            raise gr.Error("Upload an image first.")
-        try:
-            image = load_image(image_path)
-        except ValueError as error:
-            raise gr.Error(str(error)) from error
-        question = question.strip()
-        asked = vqa_prompt(question) if instruction else question
-        prompt = asked if question else CAPTION_PROMPT
-        return generate_answers(model, processor, [image], [prompt], settings, progress=False)[0]
+
+def build_app(model, processor, settings: DecodingSettings, instruction: bool = True) -> gr.Blocks:
+    def reply(image_path: str | None, question: str) -> str:
+        return answer(model, processor, settings, image_path, question, instruction)
 
     with gr.Blocks(title="valign", analytics_enabled=False) as app:
         gr.Markdown(
@@ -93,8 +99,8 @@ def build_app(model, processor, settings: DecodingSettings, instruction: bool = 
                 question = gr.Textbox(label="Question", placeholder="Empty: describe the image", elem_id="question")
                 run = gr.Button("Run", variant="primary", elem_id="run")
                 output = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
-        run.click(answer, [image, question], output)
-        question.submit(answer, [image, question], output)
+        run.click(reply, [image, question], output)
+        question.submit(reply, [image, question], output)
     return app
 
 

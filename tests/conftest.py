@@ -43,6 +43,16 @@ def checkpoint(model_and_processor, tmp_path_factory) -> Path:
     return folder
 
 
+@torch.no_grad()
+def direct_answer(model, processor, image, text: str, max_new_tokens: int) -> str:
+    """The model's greedy reply to the literal user text `text` about `image`, as an oracle for the commands: the
+    ChatML prompt is spelled out here, and neither valign's prompt helpers nor its batching are used."""
+    prompt = f"<|im_start|>user\n{processor.image_token}{text}<|im_end|>\n<|im_start|>assistant\n"
+    inputs = processor(images=[image], text=[prompt])
+    tokens = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.decode(tokens[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
 def prompts(processor, questions: list[str]) -> list[str]:
     return [processor.apply_chat_template(chat(q), add_generation_prompt=True) for q in questions]
 

@@ -8,13 +8,14 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-from conftest import shape_image
+from conftest import direct_answer, shape_image
 
 from valign import cli
-from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
-from valign.eval.generate import DecodingSettings, generate_answers
 
 QUESTION = "What colour is the shape?"
+# The user texts the commands must send, written out (not taken from valign.data.prompts).
+CAPTION_TEXT = "Describe the image in detail."
+QUESTION_TEXT = "What colour is the shape? Answer the question using a single word or phrase."
 
 
 @pytest.fixture
@@ -27,10 +28,8 @@ def images(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-def expected(model_and_processor, color: str, prompt: str, max_new_tokens: int = 40) -> str:
-    model, processor = model_and_processor
-    settings = DecodingSettings(max_new_tokens=max_new_tokens)
-    return generate_answers(model, processor, [shape_image(color)], [prompt], settings)[0]
+def expected(model_and_processor, color: str, text: str, max_new_tokens: int) -> str:
+    return direct_answer(*model_and_processor, shape_image(color), text, max_new_tokens)
 
 
 def test_captions_json_reports_the_corrupt_file_and_processes_the_rest(
@@ -46,11 +45,21 @@ def test_captions_json_reports_the_corrupt_file_and_processes_the_rest(
     assert status == 1
     assert [record["path"] for record in records] == paths
     red, corrupt, blue = records
-    assert red == {"path": paths[0], "text": expected(model_and_processor, "red", CAPTION_PROMPT, 12)}
-    assert blue == {"path": paths[2], "text": expected(model_and_processor, "blue", CAPTION_PROMPT, 12)}
+    assert red == {"path": paths[0], "text": expected(model_and_processor, "red", CAPTION_TEXT, 12)}
+    assert blue == {"path": paths[2], "text": expected(model_and_processor, "blue", CAPTION_TEXT, 12)}
     assert red["text"] != blue["text"]  # the model looked at each image
     assert set(corrupt) == {"path", "error"} and str(images["corrupt"]) in corrupt["error"]
     assert "1 of 3 images failed" in err
+
+
+def test_images_batched_together_get_the_captions_they_get_alone(
+    checkpoint: Path, images: dict[str, Path], model_and_processor, capsys
+) -> None:
+    paths = [str(images["red"]), str(images["blue"])]
+    argv = ["caption", *paths, "--model", str(checkpoint), "--batch-size", "2", "--max-new-tokens", "12", "--json"]
+    assert cli.main(argv) == 0
+    texts = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    assert texts == [expected(model_and_processor, color, CAPTION_TEXT, 12) for color in ("red", "blue")]
 
 
 def test_plain_output_prints_a_line_per_image_and_errors_on_stderr(
@@ -71,7 +80,7 @@ def test_ask_prints_the_answer(
     argv = ["ask", str(images["red"]), QUESTION, "--model", str(checkpoint), "--max-new-tokens", "8"]
     status = cli.main(argv + ["--no-instruction"] * bare)
     out, _ = capsys.readouterr()
-    answer = expected(model_and_processor, "red", QUESTION if bare else vqa_prompt(QUESTION), max_new_tokens=8)
+    answer = expected(model_and_processor, "red", QUESTION if bare else QUESTION_TEXT, max_new_tokens=8)
     assert status == 0 and answer
     assert out == answer + "\n"
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import datasets
+import easy_vqa
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,6 @@ from valign.data.synthetic import (
     make_caption_dataset,
     make_caption_eval_set,
     make_scene,
-    recap_caption,
     render_scene,
     write_parquet,
 )
@@ -156,14 +156,22 @@ def test_easy_vqa_in_pathvqa_schema_is_detected_and_adapted():
     dataset = adapt(load_easy_vqa("test", limit=3))
     samples = list(dataset)
     assert len(samples) == 3 and dataset.skips.skipped == 0
-    assert samples[0]["messages"][1]["role"] == "assistant"
+    question = "What is the red shape? Answer the question using a single word or phrase."
+    assert samples[0]["id"] == "0"  # the row's image_id
+    assert samples[0]["messages"] == [
+        {"role": "user", "content": [IMAGE, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "triangle"}]},
+    ]
+    with Image.open(easy_vqa.get_test_image_paths()[0]) as original:
+        assert np.array_equal(np.asarray(samples[0]["image"]), np.asarray(original.convert("RGB")))
 
 
 def test_caption_sets_use_the_prompt_and_pick_a_reference_deterministically():
     rows = make_caption_eval_set(3)
     first = list(adapt(rows, caption_prompt="Caption it."))
     assert first[0]["messages"][0]["content"] == [IMAGE, {"type": "text", "text": "Caption it."}]
-    assert first[0]["messages"][1]["content"][0]["text"] == recap_caption(make_scene(0, 0, split="eval"))
+    golden = "A purple circle in the top right and a black triangle on the left, on a faintly striped cream background."
+    assert first[0]["messages"][1]["content"][0]["text"] == golden
 
     def picks(seed: int) -> list[str]:
         return [s["messages"][1]["content"][0]["text"] for s in adapt(rows, reference="random", seed=seed)]

@@ -14,6 +14,8 @@ from valign.data.synthetic import (
     COLOUR_SYNONYMS,
     COLOURS,
     SHAPE_SYNONYMS,
+    Scene,
+    SceneObject,
     easy_vqa_as_conversations,
     human_caption,
     load_easy_vqa,
@@ -70,12 +72,30 @@ def test_images_show_the_described_scene() -> None:
             assert np.abs(pixels[int(y), int(x)] - COLOURS[obj.colour]).max() <= 2, (i, obj)
 
 
+# Captions written out: a change to the scene sampler or the template shows here.
+TRAIN_SEED_2_FIRST = (
+    "A blue star at the top, a purple triangle in the bottom left and a pink square at the bottom, on a lightly "
+    "speckled light grey background."
+)
+EVAL_SEED_0_FIRST = (
+    "A purple circle in the top right and a black triangle on the left, on a faintly striped cream background."
+)
+
+
+def test_recap_caption_of_a_hand_made_scene() -> None:
+    scene = Scene((SceneObject("circle", "orange", (0, 0)), SceneObject("star", "green", (1, 1))), "cream", "speckled")
+    expected = (
+        "An orange circle in the top left and a green star in the centre, on a lightly speckled cream background."
+    )
+    assert recap_caption(scene) == expected
+
+
 def test_recap_mentions_every_object() -> None:
     ds = make_caption_dataset(30, "recap", seed=2)
+    assert _caption(ds[0]) == TRAIN_SEED_2_FIRST
     for i, row in enumerate(ds):
         scene = make_scene(2, i)
         caption = _caption(row)
-        assert caption == recap_caption(scene)
         assert 1 <= len(scene.objects) <= 3
         for obj in scene.objects:
             assert f"{obj.colour} {obj.shape} {obj.position}" in caption
@@ -113,9 +133,11 @@ def test_caption_eval_set() -> None:
     ev = make_caption_eval_set(5, seed=0, num_references=5)
     assert ev.column_names == ["image", "image_id", "captions"]
     assert ev["image_id"] == list(range(5))
+    assert ev["captions"][0][0] == EVAL_SEED_0_FIRST
     for i, refs in enumerate(ev["captions"]):
         scene = make_scene(0, i, split="eval")
-        assert refs[0] == recap_caption(scene) and len(refs) >= 2 and len(set(refs)) == len(refs)
+        assert all(f"{o.colour} {o.shape} {o.position}" in refs[0] for o in scene.objects)
+        assert len(refs) >= 2 and len(set(refs)) == len(refs)
     # Eval scenes are not the training scenes of the same seed.
     train = make_caption_dataset(5, "recap", seed=0)
     assert not any(np.array_equal(x, y) for x, y in zip(_pixels(ev), _pixels(train), strict=True))
