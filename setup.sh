@@ -4,8 +4,8 @@
 #   .venv-tf4  transformers 4.57 (constraints/tf4.txt), used by the cross-version tests (and by 4.x users' code paths)
 # TORCH_SPEC picks the torch build (default: the CPU wheel; e.g. TORCH_SPEC=torch for your platform's default).
 # torch is deliberately not in the constraints files: a pin there would conflict with any other TORCH_SPEC, so
-# the default TORCH_SPEC is the torch half of the lock. VALIGN_UNLOCKED=1 installs without the constraints (the
-# newest versions setup.cfg admits), the first step of moving the lock (see constraints/refresh.sh).
+# the default TORCH_SPEC is the torch half of the lock. VALIGN_UNLOCKED=1 installs without the constraints (into
+# new environments: the newest versions setup.cfg admits), the first step of moving the lock (constraints/refresh.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rewrites tf5.txt and tf4.txt from the environments as they are now. To move the lock to newer releases:
-#   VALIGN_UNLOCKED=1 bash setup.sh          # installs the newest versions the requirements admit
+#   rm -rf .venv .venv-tf4 && VALIGN_UNLOCKED=1 bash setup.sh   # the newest versions the requirements admit
 #   HF_HUB_OFFLINE=1 .venv/bin/python -m pytest && bash constraints/refresh.sh   # lock them once the tests pass
 set -euo pipefail
 cd "$(dirname "$0")/.."
