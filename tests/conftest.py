@@ -82,3 +82,18 @@ def run_script(python: Path | str, *args: str) -> str:
 
 
 CURRENT_PYTHON = sys.executable
+
+
+class RepositoryRootIsNoTestPackage:
+    """The repository root is the valign package (it has an `__init__.py`), so pytest would collect it as a test
+    package and import that file under the clone folder's name, which fails when the name is no Python identifier
+    (a clone in "valign-ci"). The tests use the installed valign instead. Registered as a plugin, not a conftest
+    hook: a conftest's hooks never see its own parent folder."""
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path: Path, parent: pytest.Collector) -> pytest.Dir | None:
+        return pytest.Dir.from_parent(parent, path=path) if path == REPO else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(RepositoryRootIsNoTestPackage())
