@@ -1,8 +1,9 @@
-"""Canary: valign's model-package tests on transformers releases outside the lock, in fresh environments.
+"""Canary: valign's model-package tests on transformers releases outside the lock, in fresh environments, and on
+the oldest supported release as locked (setup.sh's .venv-tf4, whose other major is the locked .venv).
 
     .venv/bin/python .ci/canary.py      (from .ci/run, after the README's test command; needs .venv-tf4)
 
-Each environment is a new virtual environment with `TORCH_SPEC -e . pytest TRANSFORMERS` installed without the
+Each other environment is a new virtual environment with `TORCH_SPEC -e . pytest TRANSFORMERS` installed without the
 constraints files, so transformers, huggingface_hub and tokenizers resolve as a fresh install of valign does today:
   - newest      `transformers` unpinned: the newest release setup.cfg's range admits;
   - pre-release the newest pre-release (`--pre`), only when it is newer than the newest release;
@@ -44,7 +45,8 @@ MODEL_TESTS = [
 SUPPORTED = ["5.23.0"]  # releases we promise to support besides the locked ones (constraints/)
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 PYTHON = os.environ.get("PYTHON", "python3")
-TF4_PYTHON = Path(os.environ.get("VALIGN_TF4_PYTHON", REPO / ".venv-tf4" / "bin" / "python")).absolute()
+TF4_PYTHON = (REPO / ".venv-tf4" / "bin" / "python").absolute()  # setup.sh's 4.57 (the locked oldest)
+TF5_PYTHON = (REPO / ".venv" / "bin" / "python").absolute()  # setup.sh's locked 5.x
 
 
 def say(line: str) -> None:
@@ -59,6 +61,12 @@ def transformers_range():
         if line.strip() and (req := Requirement(line.strip())).name == "transformers":
             return req.specifier
     raise SystemExit("canary: setup.cfg's install_requires names no transformers")
+
+
+def locked_transformers(lock: str) -> str:
+    """The transformers version pinned in constraints/LOCK.txt."""
+    pins = (REPO / "constraints" / f"{lock}.txt").read_text()
+    return re.search(r"^transformers==(\S+)$", pins, re.M).group(1)
 
 
 def registry_versions() -> list[Version]:
@@ -87,9 +95,11 @@ class Env:
     spec: str  # the transformers requirement given to pip
     pip_args: list[str]
 
+    locked: Path | None = None  # an environment setup.sh made (nothing to install), else a fresh one
+
     @property
     def venv(self) -> Path:
-        return REPO / f".venv-canary-{self.name}-{self.expected}"
+        return self.locked or REPO / f".venv-canary-{self.name}-{self.expected}"
 
     @property
     def python(self) -> str:
@@ -100,11 +110,18 @@ def install(env: Env) -> dict:
     """Make the environment; return its transformers and huggingface_hub versions, or the failure. Runs in a
     background thread while the previous environment's tests run, so it prints nothing itself."""
     start = time.monotonic()
-    shutil.rmtree(env.venv, ignore_errors=True)
-    steps = [
-        [PYTHON, "-m", "venv", str(env.venv)],
-        [env.python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-        [env.python, "-m", "pip", "install", "--quiet", *env.pip_args, TORCH_SPEC, "-e", ".", "pytest", env.spec],
+    if env.locked is None:
+        shutil.rmtree(env.venv, ignore_errors=True)
+    steps = (
+        []
+        if env.locked
+        else [
+            [PYTHON, "-m", "venv", str(env.venv)],
+            [env.python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+            [env.python, "-m", "pip", "install", "--quiet", *env.pip_args, TORCH_SPEC, "-e", ".", "pytest", env.spec],
+        ]
+    )
+    steps += [
         [
             env.python,
             "-c",
@@ -129,7 +146,8 @@ def run_tests(env: Env, installed: dict, tests: list[str]) -> tuple[str, str | N
     say(f"installed: transformers {version}, huggingface_hub {installed['hub']} ({installed['seconds']:.0f} s)")
     if version != env.expected and env.expected[0].isdigit():
         say(f"canary: note: the {env.name} environment got transformers {version}, not {env.expected}")
-    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "VALIGN_TF4_PYTHON": str(TF4_PYTHON)}
+    other_major = TF5_PYTHON if version.startswith("4.") else TF4_PYTHON
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "VALIGN_OTHER_MAJOR_PYTHON": str(other_major)}
     junit = env.venv / "junit.xml"
     cmd = [env.python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *tests]
     proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -194,12 +212,15 @@ def main() -> int:
         envs.append(Env("newest", "newest", "transformers", []))
     tested = {env.expected for env in envs}
     envs += [Env("supported", v, f"transformers=={v}", []) for v in SUPPORTED if v not in tested]
+    # The oldest supported release as locked (setup.sh's .venv-tf4); its other major is the locked .venv.
+    envs.insert(0, Env("oldest, locked", locked_transformers("tf4"), "", [], locked=TF4_PYTHON.parent.parent))
 
     # One install at a time, in the background: the next environment installs while this one's tests run.
     with ThreadPoolExecutor(max_workers=1) as pool:
         installs = [pool.submit(install, env) for env in envs]
         for env, future in zip(envs, installs):
-            say(f"\n=== canary [{env.name}]: {TORCH_SPEC} -e . pytest {' '.join([*env.pip_args, env.spec])}")
+            installing = f"{TORCH_SPEC} -e . pytest {' '.join([*env.pip_args, env.spec])}"
+            say(f"\n=== canary [{env.name}]: {env.locked if env.locked else installing}")
             installed = future.result()
             if "error" in installed:
                 say(installed["log"])

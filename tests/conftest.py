@@ -17,8 +17,10 @@ from valign.train.backbones import build_tiny_backbones
 
 REPO = Path(__file__).resolve().parent.parent
 IS_V5 = int(transformers.__version__.split(".")[0]) >= 5
-# The other transformers major lives in its own virtual environment (setup.sh makes .venv-tf4).
-OTHER_MAJOR_PYTHON = Path(os.environ.get("VALIGN_TF4_PYTHON", REPO / ".venv-tf4" / "bin" / "python"))
+# The other transformers major's Python (setup.sh: .venv-tf4 has 4.57, .venv the locked 5.x).
+OTHER_MAJOR_PYTHON = Path(
+    os.environ.get("VALIGN_OTHER_MAJOR_PYTHON", REPO / (".venv-tf4" if IS_V5 else ".venv") / "bin" / "python")
+)
 AUTO_CLASS = "AutoModelForImageTextToText" if IS_V5 else "AutoModelForVision2Seq"
 
 
@@ -60,8 +62,8 @@ def prompts(processor, questions: list[str]) -> list[str]:
 def other_major_python() -> Path:
     if not OTHER_MAJOR_PYTHON.exists():
         pytest.fail(
-            f"the transformers 4.57 environment is missing at {OTHER_MAJOR_PYTHON}: run `bash setup.sh` "
-            "(or set VALIGN_TF4_PYTHON to a Python with transformers 4.57 and valign installed)"
+            f"the other transformers major's environment is missing at {OTHER_MAJOR_PYTHON}: run `bash setup.sh` "
+            "(or set VALIGN_OTHER_MAJOR_PYTHON to a Python with that major and valign installed)"
         )
     return OTHER_MAJOR_PYTHON
 
