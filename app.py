@@ -1,6 +1,6 @@
 """valign's demo app (Gradio): caption an image, or ask a question about it.
 
-    python app.py [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
+    python -m valign.app [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
 
 A question is sent with the short-answer instruction the recipe trains VQA with (`--no-instruction`: alone); an
 empty question asks for a caption.
@@ -106,7 +106,7 @@ def build_app(model, processor, settings: DecodingSettings, instruction: bool = 
 
 def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cli.add_argument("--model", default=os.environ.get("VALIGN_MODEL"), help="checkpoint folder or Hub repo id")
+    cli.add_argument("--model", help="checkpoint folder or Hub repo id (default: $VALIGN_MODEL, else the demo's)")
     cli.add_argument("--revision", help="Hub branch, tag or commit")
     cli.add_argument("--host", help="address to listen on (default: gradio's, 127.0.0.1)")
     cli.add_argument("--port", type=int, help="port (default: gradio's, 7860)")

@@ -6,10 +6,11 @@
 `ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
 `--no-instruction` sends the question alone.
 
-Without `--model`, the offline demo's final checkpoint (`outputs/demo/stages/stage-3`, made by
-`python -m valign.train`) is used. Plain output is one `PATH: TEXT` line per image (`ask`: the answer alone);
-`--json` prints one JSON object per image instead: `{"path", "text"}` or `{"path", "error"}`. An unreadable
-image is reported and skipped while the others are processed; the exit status is then 1.
+Without `--model`, `$VALIGN_MODEL` is used, else the offline demo's final checkpoint in the working directory
+(`outputs/demo/stages/stage-3`, made by `python -m valign.train`). Plain output is one `PATH: TEXT` line per
+image (`ask`: the answer alone); `--json` prints one JSON object per image instead: `{"path", "text"}` or
+`{"path", "error"}`. An unreadable image is reported and skipped while the others are processed; the exit status
+is then 1.
 
 It lives at the package root (`valign.cli`) next to the model files because it is a user-facing front end of the
 model, not an evaluation or training tool; `app.py` shares its default model.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from .eval.generate import DecodingSettings, generate_answers
 from .processing_valign import load_image
 
 DEMO_CHECKPOINT = Path("outputs") / "demo" / "stages" / "stage-3"
+MODEL_VARIABLE = "VALIGN_MODEL"  # a checkpoint folder or Hub repo id, for the command and the app
 EXIT_IMAGE_ERRORS = 1
 EXIT_USAGE = 2  # argparse's status for bad arguments; also a missing or unloadable model
 
@@ -49,12 +52,13 @@ class Result:
         return json.dumps(fields, ensure_ascii=False)
 
 
-def default_model() -> Path:
-    """The demo's final checkpoint, looked up in the working directory, then in the source tree (editable
-    installs, where the package root is the repository root). Raises FileNotFoundError saying how to make one."""
-    for base in (Path.cwd(), Path(__file__).resolve().parent):
-        if (base / DEMO_CHECKPOINT / "config.json").is_file():
-            return base / DEMO_CHECKPOINT
+def default_model() -> str | Path:
+    """The model to use without `--model`: `$VALIGN_MODEL` when set, else the demo's final checkpoint in the working
+    directory (where `python -m valign.train` writes it). Raises FileNotFoundError saying how to make one."""
+    if os.environ.get(MODEL_VARIABLE):
+        return os.environ[MODEL_VARIABLE]
+    if (DEMO_CHECKPOINT / "config.json").is_file():
+        return DEMO_CHECKPOINT
     raise FileNotFoundError(
         f"no --model given and no demo checkpoint at {DEMO_CHECKPOINT}: train one with `python -m valign.train` "
         "(the offline demo, about 10 minutes on a CPU), or pass --model with a checkpoint folder or a Hub repo id"
@@ -97,7 +101,9 @@ def parser() -> argparse.ArgumentParser:
         "--no-instruction", action="store_true", help="send the question alone, without the short-answer instruction"
     )
     for command in (caption, ask):
-        command.add_argument("--model", help=f"checkpoint folder or Hub repo id (default: {DEMO_CHECKPOINT})")
+        command.add_argument(
+            "--model", help=f"checkpoint folder or Hub repo id (default: ${MODEL_VARIABLE}, else {DEMO_CHECKPOINT})"
+        )
         command.add_argument("--revision", help="Hub branch, tag or commit")
         command.add_argument("--batch-size", type=int, default=8)
         command.add_argument("--max-new-tokens", type=int, default=40)

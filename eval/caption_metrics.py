@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -31,6 +32,7 @@ from pycocoevalcap.spice import spice as _spice_module
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 __all__ = [
+    "COCO_CAPTION_METRIC",
     "METRIC_NAMES",
     "JavaNotFoundError",
     "SpiceUnavailableError",
@@ -38,6 +40,8 @@ __all__ = [
     "score_captions",
 ]
 
+# The same scorer as an `evaluate` module: `evaluate.load(str(COCO_CAPTION_METRIC))`, source tree or installed wheel.
+COCO_CAPTION_METRIC = Path(__file__).parent / "metrics" / "coco_caption"
 # Names as COCOEvalCap.eval reports them (SPICE is added only when requested).
 METRIC_NAMES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 

@@ -136,6 +136,7 @@ def test_without_a_model_the_app_builds_a_tiny_checkpoint_offline_once(monkeypat
     from valign import cli
 
     monkeypatch.setattr(cli, "DEMO_CHECKPOINT", Path("no-such-folder") / "stage-3")
+    monkeypatch.delenv("VALIGN_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)
     folder = app_module.resolve_model(None)
     assert Path(folder).resolve() == (tmp_path / app_module.TINY_CHECKPOINT).resolve()

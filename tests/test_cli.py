@@ -87,9 +87,18 @@ def test_ask_prints_the_answer(
 
 def test_without_a_model_the_error_says_how_to_get_one(monkeypatch, tmp_path: Path, capsys) -> None:
     monkeypatch.setattr(cli, "DEMO_CHECKPOINT", Path("no-such-folder") / "stage-3")
+    monkeypatch.delenv("VALIGN_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["ask", "any.png", QUESTION]) == 2
     assert "python -m valign.train" in capsys.readouterr().err
+
+
+def test_without_a_model_valign_model_names_it(
+    monkeypatch, checkpoint: Path, images: dict[str, Path], model_and_processor, capsys
+) -> None:
+    monkeypatch.setenv("VALIGN_MODEL", str(checkpoint))
+    assert cli.main(["ask", str(images["red"]), QUESTION, "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == expected(model_and_processor, "red", QUESTION_TEXT, 4) + "\n"
 
 
 def test_the_console_script_is_installed() -> None:

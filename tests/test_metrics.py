@@ -16,7 +16,7 @@ import pytest
 from pycocoevalcap.eval import COCOEvalCap
 
 from valign.eval import caption_metrics
-from valign.eval.caption_metrics import JavaNotFoundError, SpiceUnavailableError, score_captions
+from valign.eval.caption_metrics import COCO_CAPTION_METRIC, JavaNotFoundError, SpiceUnavailableError, score_captions
 from valign.eval.vqa_metrics import (
     accuracy_standard_error,
     exact_match,
@@ -25,8 +25,6 @@ from valign.eval.vqa_metrics import (
     score_vqa,
     token_f1,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 REFERENCES = {
     "beach": [
@@ -100,9 +98,7 @@ def imperfect_scores(perfect_scores: dict[str, float]) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def coco_caption_metric() -> evaluate.EvaluationModule:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(REPO_ROOT)  # the documented way to load it: a path relative to the repository root
-        return evaluate.load("eval/metrics/coco_caption")
+    return evaluate.load(str(COCO_CAPTION_METRIC))
 
 
 # --------------------------------------------------------------------------- captions

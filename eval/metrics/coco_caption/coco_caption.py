@@ -1,8 +1,9 @@
 """COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr, optional SPICE) as an `evaluate` module.
 
-Load it offline from its folder: `evaluate.load("eval/metrics/coco_caption")` from the repository root, or
-with an absolute path. evaluate copies this file alone into its module cache, so the scoring code is imported
-from the installed `valign` package (valign.eval.caption_metrics) rather than duplicated here.
+Load it offline from its folder: `evaluate.load(str(valign.eval.caption_metrics.COCO_CAPTION_METRIC))` (the
+folder inside the installed package), or `evaluate.load("eval/metrics/coco_caption")` from the repository root.
+evaluate copies this file alone into its module cache, so the scoring code is imported from the installed `valign`
+package (valign.eval.caption_metrics) rather than duplicated here.
 """
 
 import datasets
@@ -35,7 +36,8 @@ Args:
 Returns:
     dict with "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr" (and "SPICE").
 Example:
-    >>> metric = evaluate.load("eval/metrics/coco_caption")
+    >>> from valign.eval.caption_metrics import COCO_CAPTION_METRIC
+    >>> metric = evaluate.load(str(COCO_CAPTION_METRIC))
     >>> metric.compute(predictions=["a dog on a sofa"], references=[["a dog lying on a couch", "a brown dog"]])
 """
 
