@@ -21,26 +21,18 @@ from scripts.crossload import fixed_batch
 
 from valign.checkpoint import load_checkpoint
 from valign.configuration_valign import enable_checkpointing
+from valign.data.adapters import adapt
 from valign.data.images import decode_image
 from valign.data.prompts import vqa_prompt
+from valign.data.sources import load_rows
 from valign.eval.generate import DecodingSettings, generate_answers
 from valign.eval.vqa import answer_prior, prior_predictions
 from valign.eval.vqa_metrics import score_vqa
 from valign.hub.push import push_stage
 from valign.train.collator import ConversationCollator
-from valign.train.peft_vqa import (
-    ATTENTION_PROJECTIONS,
-    MLP_PROJECTIONS,
-    FinetuneSettings,
-    add_lora,
-    finetune,
-    lora_config,
-    lora_module_names,
-    save_adapter,
-    save_merged,
-    vqa_rows,
-    vqa_training_set,
-)
+from valign.train.config import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, DataSource, LoraSettings, StageConfig
+from valign.train.lora import add_lora, lora_config, lora_module_names, save_adapter, save_merged
+from valign.train.run import run_stage
 
 hub = loopback_hub  # the fixture, under a short name
 
@@ -86,7 +78,7 @@ def fresh_lora(checkpoint: Path, config: LoraConfig | None = None, seed: int = 0
 
 
 def vqa_samples(n: int) -> list[dict]:
-    dataset = vqa_training_set(vqa_rows("easy-vqa", "train", n))
+    dataset = adapt(load_rows("easy-vqa", "train", limit=n), "vqa")
     return [dataset[i] for i in range(n)]
 
 
@@ -278,17 +270,32 @@ def vqa_accuracy(model, processor, rows, images) -> float:
     return score_vqa(predictions, list(rows["answer"]), list(rows["question_type"]))["accuracy"]
 
 
-def test_short_lora_finetune_on_easy_vqa_raises_held_out_accuracy(checkpoint, tmp_path, one_thread):
-    train_rows, test_rows = vqa_rows("easy-vqa", "train", 320), vqa_rows("easy-vqa", "test", 200)
+def test_short_lora_stage_on_easy_vqa_raises_held_out_accuracy(checkpoint, tmp_path, one_thread):
+    train_rows, test_rows = load_rows("easy-vqa", "train", limit=320), load_rows("easy-vqa", "test", limit=200)
+    train_rows.to_parquet(str(tmp_path / "train.parquet"))  # image bytes are embedded: load_easy_vqa stores them
     images = [decode_image(row["image"]) for row in test_rows]
-    model, processor = fresh_lora(
-        checkpoint, lora_config(r=8, alpha=16, targets=ATTENTION_PROJECTIONS + MLP_PROJECTIONS)
+    base, processor = load_checkpoint(str(checkpoint))
+    before = vqa_accuracy(base, processor, test_rows, images)  # = the fresh adapter's: LoRA's B starts at zero
+    config = StageConfig(
+        name="lora-vqa",
+        attn_mode=None,
+        learning_rates={"language_model": 1e-2, "multi_modal_projector": 1e-2},
+        data=[DataSource("train.parquet")],
+        epochs=2,
+        batch_size=16,
+        warmup_ratio=0.0,
+        precision="fp32",
+        save_steps=1,
+        extra_training_args={"save_strategy": "no"},
+        lora=LoraSettings(r=8, alpha=16, targets=[*ATTENTION_PROJECTIONS, *MLP_PROJECTIONS]),
     )
-    before = vqa_accuracy(model, processor, test_rows, images)
-    settings = FinetuneSettings(epochs=2, batch_size=16, lr=1e-2, warmup_ratio=0.0, logging_steps=10)
     start = time.perf_counter()
-    finetune(model, processor, vqa_training_set(train_rows), settings, tmp_path)
+    run_stage(config, checkpoint, tmp_path / "run", data_root=tmp_path)
     seconds = time.perf_counter() - start
+    # extra_training_args replace the stage's defaults: save_strategy "no" wins over save_steps.
+    assert not list((tmp_path / "run" / "checkpoints").glob("checkpoint-*"))
+    model = PeftModel.from_pretrained(load_checkpoint(str(checkpoint))[0], tmp_path / "run")
+    assert len(lora_module_names(model)) == 7 * 2
     after = vqa_accuracy(model, processor, test_rows, images)
     prior = prior_predictions(answer_prior(train_rows["question"], train_rows["answer"]), test_rows["question"], "no")
     prior_accuracy = score_vqa(prior, list(test_rows["answer"]))["accuracy"]
@@ -306,7 +313,9 @@ def test_cli_records_the_hub_base_and_its_pushed_adapter_loads_from_the_hub(hub:
     HfApi().create_repo("user/valign-tiny")
     HfApi().upload_folder(repo_id="user/valign-tiny", folder_path=checkpoint)
     data = tmp_path / "vqa.parquet"
-    vqa_rows("easy-vqa", "train", 16).to_parquet(str(data))  # image bytes are embedded: load_easy_vqa stores them
+    load_rows("easy-vqa", "train", limit=16).to_parquet(
+        str(data)
+    )  # image bytes are embedded: load_easy_vqa stores them
     output = tmp_path / "run"
     command = [CURRENT_PYTHON, "-m", "valign.train.peft_vqa", "--model", "user/valign-tiny", "--data", str(data)]
     command += ["--output", str(output), "--max-steps", "2", "--batch-size", "4", "--lora-r", "4", "--merge"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, shape_image
 from hub_server import loopback_hub
 from huggingface_hub import HfApi, hf_hub_download
@@ -19,7 +21,7 @@ from safetensors.torch import load_file
 from valign.data.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
 from valign.modeling_valign import IGNORE_INDEX
 from valign.train.collator import ConversationCollator, mask_answer_tokens, sample_generator
-from valign.train.config import StageConfig
+from valign.train.config import LoraSettings, StageConfig
 from valign.train.run import ensure_mask_token, run_recipe, run_stage
 from valign.train.trainer import module_of, set_trainable
 
@@ -94,6 +96,12 @@ def test_stage_config_rejects_inconsistent_settings(tmp_path):
         StageConfig(**{**base, "data": data, "learning_rates": {"projector": 1e-3}})
     with pytest.raises(ValueError, match="bidirectional stage's objective"):
         StageConfig(**{**base, "data": data, "text_mask_ratio": 0.2})
+    lora = {**base, "data": data, "lora": {"r": 4}}
+    assert StageConfig(**lora).lora.r == 4 and StageConfig(**{**lora, "attn_mode": None}).attn_mode is None
+    with pytest.raises(ValueError, match="a LoRA stage trains only"):
+        StageConfig(**{**lora, "learning_rates": {"vision_tower": 1e-3}})
+    with pytest.raises(ValueError, match="a LoRA stage has no token masking"):
+        StageConfig(**{**lora, "attn_mode": "bidirectional", "text_mask_ratio": 0.2})
     (tmp_path / "stage.yaml").write_text("name: s\nattn_mode: hybrid\nlearnig_rates: {}\n")
     with pytest.raises(ValueError, match="unknown fields \\['learnig_rates'\\]"):
         StageConfig.from_yaml(tmp_path / "stage.yaml")
@@ -124,6 +132,36 @@ def stage(name: str, **fields) -> StageConfig:
 
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
+
+
+def write_recipe(folder: Path, *configs: StageConfig) -> Path:
+    folder.mkdir()
+    for index, config in enumerate(configs):
+        (folder / f"stage{index}.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    return folder
+
+
+def test_a_merged_lora_stage_is_where_the_next_stage_starts(checkpoint, data_root, tmp_path):
+    lora = stage(
+        "lora",
+        attn_mode=None,
+        learning_rates={"language_model": 1e-2, "multi_modal_projector": 1e-2},
+        max_steps=1,
+        lora={"r": 4, "alpha": 8, "merge": True},
+    )
+    frozen_lm = stage("projector", learning_rates={"multi_modal_projector": 1e-3}, max_steps=1)
+    run_recipe(write_recipe(tmp_path / "recipe", lora, frozen_lm), checkpoint, tmp_path / "out", data_root)
+    assert (tmp_path / "out" / "lora" / "adapter_config.json").is_file()
+    merged, after, base = (
+        weights(f) for f in (tmp_path / "out" / "lora" / "merged", tmp_path / "out" / "projector", checkpoint)
+    )
+    q_proj = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q_proj], base[q_proj])  # the adapter was merged in
+    assert torch.equal(after[q_proj], merged[q_proj])  # the next stage started from the merged weights
+
+    with pytest.raises(ValueError, match="set `merge: true`"):
+        unmerged = dataclasses.replace(lora, lora=LoraSettings(r=4))
+        run_recipe(write_recipe(tmp_path / "bad", unmerged, frozen_lm), checkpoint, tmp_path / "bad-out", data_root)
 
 
 def test_per_module_learning_rates_and_frozen_modules(checkpoint, data_root, tmp_path):

@@ -11,16 +11,18 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from valign.checkpoint import load_checkpoint
+from valign.data.adapters import adapt
+from valign.data.sources import load_rows
 from valign.modeling_valign import IGNORE_INDEX
 from valign.train.collator import ConversationCollator
-from valign.train.peft_vqa import add_lora, lora_config, vqa_rows, vqa_training_set
+from valign.train.lora import add_lora, lora_config
 
 
 def test_sft_trainer_collator_labels_and_loss_match_valigns(checkpoint, tmp_path):
     torch.manual_seed(0)
     model, processor = load_checkpoint(str(checkpoint))
     model = add_lora(model, lora_config(r=4, alpha=8, dropout=0.0))
-    samples = [*vqa_training_set(vqa_rows("easy-vqa", "train", 4))]
+    samples = [*adapt(load_rows("easy-vqa", "train", limit=4), "vqa")]
     # SFTTrainer takes a datasets.Dataset; an "image" column makes it a vision dataset.
     dataset = datasets.Dataset.from_list([{"image": s["image"], "messages": s["messages"]} for s in samples])
     args = SFTConfig(

@@ -14,6 +14,10 @@ from ..data.prompts import CAPTION_PROMPT
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# What a LoRA stage adapts: the language model's projections (by these names) and, in full, the projector.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+LORA_MODULES = ("language_model", "multi_modal_projector")
 
 
 @dataclass
@@ -27,16 +31,35 @@ class DataSource:
 
 
 @dataclass
+class LoraSettings:
+    """A stage's `lora:` section: PEFT LoRA adapters instead of full fine-tuning.
+
+    `targets`: projection names inside the language model (see `train.lora.language_model_targets`), or a regex
+    PEFT full-matches against module names. `modules_to_save` train in full beside the adapters. With `merge`, the
+    stage also writes `OUTPUT/merged`, the adapter merged into the weights, which the next stage starts from.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] | str = field(default_factory=lambda: list(ATTENTION_PROJECTIONS))
+    modules_to_save: list[str] = field(default_factory=lambda: ["multi_modal_projector"])
+    merge: bool = False
+
+
+@dataclass
 class StageConfig:
     """Everything that distinguishes one stage of the recipe from another.
 
     `learning_rates` names the modules that train (the others are frozen): keys among `MODULES`; `lm_head` counts
     as part of `language_model`. `text_mask_ratio` > 0 turns on the alignment-stage objective: that share of the
-    answer tokens is replaced by `mask_token` and only those positions are supervised.
+    answer tokens is replaced by `mask_token` and only those positions are supervised. `attn_mode` None keeps the
+    checkpoint's mode. `lora` makes it a LoRA stage (see `LoraSettings`): `learning_rates` then name the language
+    model (its adapters) and the projector.
     """
 
     name: str
-    attn_mode: str
+    attn_mode: str | None
     learning_rates: dict[str, float]
     data: list[DataSource]
     text_mask_ratio: float = 0.0
@@ -58,10 +81,13 @@ class StageConfig:
     seed: int = 0
     caption_prompt: str = CAPTION_PROMPT
     extra_training_args: dict[str, Any] = field(default_factory=dict)  # any other TrainingArguments field
+    lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
         self.data = [d if isinstance(d, DataSource) else DataSource(**d) for d in self.data]
-        if self.attn_mode not in ATTN_MODES:
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if self.attn_mode is not None and self.attn_mode not in ATTN_MODES:
             raise ValueError(f"{self.name}: attn_mode must be one of {ATTN_MODES}, got {self.attn_mode!r}")
         unknown = set(self.learning_rates) - set(MODULES)
         if unknown or not self.learning_rates:
@@ -76,6 +102,10 @@ class StageConfig:
             raise ValueError(f"{self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.data:
             raise ValueError(f"{self.name}: no data sources")
+        if self.lora is not None and not set(self.learning_rates) <= set(LORA_MODULES):
+            raise ValueError(f"{self.name}: a LoRA stage trains only {LORA_MODULES}, got {sorted(self.learning_rates)}")
+        if self.lora is not None and self.text_mask_ratio > 0:
+            raise ValueError(f"{self.name}: a LoRA stage has no token masking; set text_mask_ratio to 0")
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> StageConfig:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from torch.utils.data import ConcatDataset
 from transformers import TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -29,7 +30,15 @@ from ..processing_valign import ValignProcessor
 from .collator import ConversationCollator
 from .config import StageConfig
 from .distributed import is_main_process, wait_for_everyone
-from .trainer import SkipReportCallback, TrainingLogCallback, ValignTrainer, read_training_log, set_trainable
+from .lora import add_lora, save_merged, stage_lora_config
+from .trainer import (
+    SkipReportCallback,
+    TrainingLogCallback,
+    ValignTrainer,
+    module_of,
+    read_training_log,
+    set_trainable,
+)
 
 logger = logging.getLogger(__name__)
 RECIPES = Path(__file__).parent / "recipes"  # the recipes valign ships, by folder name
@@ -96,7 +105,8 @@ def warmup_argument(ratio: float) -> dict[str, float]:
 
 
 def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArguments:
-    return TrainingArguments(
+    """The stage's TrainingArguments; `config.extra_training_args` add fields or replace these."""
+    defaults = dict(
         output_dir=str(output_dir / "checkpoints"),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
@@ -118,8 +128,9 @@ def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArgumen
         report_to="none",
         use_cpu=not torch.accelerator.is_available(),  # on CPU, torchrun's processes then form a gloo group
         remove_unused_columns=False,  # the collator needs the samples' messages and images
-        **config.extra_training_args,
+        label_names=["labels"],  # a PeftModel's forward signature does not name them
     )
+    return TrainingArguments(**{**defaults, **config.extra_training_args})
 
 
 def run_stage(
@@ -128,14 +139,30 @@ def run_stage(
     output_dir: str | Path,
     data_root: str | Path | None = None,
     resume: bool = False,
+    revision: str | None = None,
 ) -> StageResult:
-    """Train one stage from the checkpoint `init_from`; the final checkpoint goes to `output_dir`."""
+    """Train one stage from the checkpoint `init_from` (a folder or Hub id, at `revision`); the final checkpoint
+    goes to `output_dir`. A LoRA stage (`config.lora`) saves its adapter there, and with `merge` the merged
+    checkpoint to `output_dir/merged`."""
     output_dir = Path(output_dir)
     data_root = Path(data_root) if data_root is not None else None
-    model, processor = load_checkpoint(init_from)
-    model.config.attn_mode = config.attn_mode  # the checkpoint carries the policy it was trained with
+    model, processor = load_checkpoint(init_from, revision)
+    if config.attn_mode is not None:
+        model.config.attn_mode = config.attn_mode  # the checkpoint carries the policy it was trained with
     mask_token_id = ensure_mask_token(model, processor, config.mask_token) if config.text_mask_ratio > 0 else None
-    trainable = set_trainable(model, config.learning_rates)
+    if config.lora is not None:
+        transformers.set_seed(config.seed)  # LoRA's A matrices are drawn at random
+        # The adapter records its base as given (a Hub id stays one), not the path it was read from.
+        model = add_lora(model, stage_lora_config(config.lora), base_model_name_or_path=str(init_from))
+        if config.gradient_checkpointing:
+            # Reentrant checkpointing drops the gradient of segments whose inputs need none.
+            model.enable_input_require_grads()
+        trainable = {
+            m: sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and module_of(n) == m)
+            for m in config.learning_rates
+        }
+    else:
+        trainable = set_trainable(model, config.learning_rates)
     logger.info("%s: trainable parameters %s", config.name, trainable)
 
     dataset, skips = stage_dataset(config, data_root)
@@ -167,6 +194,8 @@ def run_stage(
         processor.save_pretrained(output_dir)
         (output_dir / STAGE_RECORD).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"{config.name}: {skips.report()}")
+        if config.lora is not None and config.lora.merge:
+            save_merged(model, processor, output_dir / "merged")  # merges in place: the last use of `model`
     wait_for_everyone()  # the next stage loads this folder in every process
     log = read_training_log(output_dir / "training_log.jsonl") if (output_dir / "training_log.jsonl").exists() else []
     return StageResult(
@@ -196,7 +225,8 @@ def with_overrides(config: StageConfig, overrides: dict[str, dict]) -> StageConf
 
 
 def is_finished(folder: Path) -> bool:
-    return (folder / STAGE_RECORD).exists() and (folder / "config.json").exists()
+    saved = ("config.json", "adapter_config.json")  # a full checkpoint, or a LoRA stage's adapter
+    return (folder / STAGE_RECORD).exists() and any((folder / name).exists() for name in saved)
 
 
 def run_recipe(
@@ -219,6 +249,9 @@ def run_recipe(
     output_dir = Path(output_dir)
     configs = [StageConfig.from_yaml(path) for path in recipe_stages(recipe)]
     configs = [with_overrides(c, overrides or {}) for c in configs if c.name not in skip]
+    unmerged = [c.name for c in configs[:-1] if c.lora is not None and not c.lora.merge]
+    if unmerged:
+        raise ValueError(f"LoRA stages {unmerged} come before others: set `merge: true` for the next to start from")
     results, previous = [], Path(init_from)
     for index, config in enumerate(configs):
         folder = output_dir / config.name
@@ -235,5 +268,5 @@ def run_recipe(
             (folder / "README.md").write_text(card)
             if push_to_hub:
                 push_stage(folder, push_to_hub, branch=config.name, also_main=index == len(configs) - 1)
-        previous = folder
+        previous = folder / "merged" if config.lora is not None else folder
     return results
