@@ -10,9 +10,6 @@ import transformers
 from .modeling_valign import ValignForConditionalGeneration
 from .processing_valign import ValignProcessor
 
-# transformers 4.x serves valign through AutoModelForVision2Seq, 5.x (which removed it) through the newer class.
-AUTO_MODEL = getattr(transformers, "AutoModelForVision2Seq", None) or transformers.AutoModelForImageTextToText
-
 
 def load_checkpoint(
     name_or_path: str | Path,
@@ -30,7 +27,8 @@ def load_checkpoint(
     remote-code classes, and without it transformers asks interactively. `device="auto"`: the GPU when there is one.
     """
     name = str(name_or_path)
-    model_class = AUTO_MODEL if remote_code else ValignForConditionalGeneration
+    # AutoModelForImageTextToText exists in 4.57 and 5.x (4.x's AutoModelForVision2Seq warns that it is going).
+    model_class = transformers.AutoModelForImageTextToText if remote_code else ValignForConditionalGeneration
     processor_class = transformers.AutoProcessor if remote_code else ValignProcessor
     remote = {"trust_remote_code": True} if remote_code else {}
     model = model_class.from_pretrained(name, revision=revision, dtype=dtype, attn_implementation="sdpa", **remote)

@@ -21,7 +21,6 @@ IS_V5 = int(transformers.__version__.split(".")[0]) >= 5
 OTHER_MAJOR_PYTHON = Path(
     os.environ.get("VALIGN_OTHER_MAJOR_PYTHON", REPO / (".venv-tf4" if IS_V5 else ".venv") / "bin" / "python")
 )
-AUTO_CLASS = "AutoModelForImageTextToText" if IS_V5 else "AutoModelForVision2Seq"
 
 
 @pytest.fixture(scope="session")
