@@ -285,12 +285,19 @@ def _intro(title: str | None, summary: str | None, stage: str | None, base_model
     return "\n\n".join([f"# {heading}", *([summary] if summary else []), text]) + "\n"
 
 
+# The range valign's CI tests (README, "Supported versions"): the locked releases, 5.23 and the newest 5.x.
+SUPPORTED_TRANSFORMERS = (
+    "Supported transformers releases: 4.57 and 5.23 up to the newest 5.x (CI tests 4.57.6, 5.23.0, 5.24.0 and the "
+    "newest release)."
+)
+
+
 def _usage_section(repo_id: str, revision: str | None) -> str:
     pin = f'revision="{revision}", ' if revision else ""
     pin_note = f' This card pins the revision `"{revision}"` (its branch); drop it for `main`.' if revision else ""
     return f"""## Usage
 
-The model is remote code: load it with `trust_remote_code=True`.{pin_note}
+The model is remote code: load it with `trust_remote_code=True`.{pin_note} {SUPPORTED_TRANSFORMERS}
 
 ```python
 import transformers
