@@ -1,6 +1,7 @@
 """valign's demo app (Gradio): caption an image, or ask a question about it.
 
     python -m valign.app [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
+                         [--trust-remote-code]
 
 A question is sent with the short-answer instruction the recipe trains VQA with (`--no-instruction`: alone); an
 empty question asks for a caption.
@@ -9,7 +10,8 @@ As a Hugging Face Space (README metadata `sdk: gradio`, `app_file: app.py`; vali
 Space variable `VALIGN_MODEL` to a Hub repo id; Spaces set `GRADIO_SERVER_NAME`/`GRADIO_SERVER_PORT`, which
 gradio reads when `--host`/`--port` are not given. Without a model the app takes the offline demo's last
 checkpoint (`outputs/demo/stages/stage-3`, from `python -m valign.train`) if it exists, else builds a tiny random
-checkpoint offline (`outputs/app/tiny`) so that it starts anywhere; that one's answers are noise.
+checkpoint offline (`outputs/app/tiny`) so that it starts anywhere; that one's answers are noise. valign's own
+classes load the model: the checkpoint's Python files run only with `--trust-remote-code`.
 
 The app sends nothing anywhere: analytics are off and no share link is made.
 """
@@ -29,12 +31,15 @@ import valign
 from valign.checkpoint import load_checkpoint
 from valign.cli import default_model
 from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
-from valign.eval.generate import DecodingSettings, generate_answers
+from valign.eval.generate import DecodingSettings, PromptTooLongError, generate_answers
 from valign.processing_valign import load_image
 
 # gradio reads this whenever it would send usage analytics or check PyPI for a newer version: never, here.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 TINY_CHECKPOINT = Path("outputs") / "app" / "tiny"
+# Uploads over this size are refused by gradio (HTTP 413) before the app sees them; images within it but over
+# PIL's pixel limit (Image.MAX_IMAGE_PIXELS, ~89 M) are refused by load_image from their header, before decoding.
+MAX_FILE_SIZE = "20mb"
 
 
 def tiny_checkpoint(folder: Path = TINY_CHECKPOINT) -> Path:
@@ -78,7 +83,10 @@ def answer(
     question = question.strip()
     asked = vqa_prompt(question) if instruction else question
     prompt = asked if question else CAPTION_PROMPT
-    return generate_answers(model, processor, [image], [prompt], settings, progress=False)[0]
+    try:
+        return generate_answers(model, processor, [image], [prompt], settings, progress=False)[0]
+    except PromptTooLongError as error:  # a question past the language model's positions: say so in the app
+        raise gr.Error(str(error)) from error
 
 
 def build_app(model, processor, settings: DecodingSettings, instruction: bool = True) -> gr.Blocks:
@@ -108,6 +116,9 @@ def parser() -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     cli.add_argument("--model", help="checkpoint folder or Hub repo id (default: $VALIGN_MODEL, else the demo's)")
     cli.add_argument("--revision", help="Hub branch, tag or commit")
+    cli.add_argument(
+        "--trust-remote-code", action="store_true", help="load with the checkpoint's own Python files (they run here)"
+    )
     cli.add_argument("--host", help="address to listen on (default: gradio's, 127.0.0.1)")
     cli.add_argument("--port", type=int, help="port (default: gradio's, 7860)")
     cli.add_argument("--max-new-tokens", type=int, default=40)
@@ -120,11 +131,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     name = resolve_model(args.model)
-    model, processor = load_checkpoint(name, args.revision, device="auto")
+    model, processor = load_checkpoint(name, args.revision, device="auto", trust_remote_code=args.trust_remote_code)
     print(f"valign app: model {name}", flush=True)
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
     app = build_app(model, processor, settings, instruction=not args.no_instruction)
-    app.launch(server_name=args.host, server_port=args.port, share=False)
+    launch(app, args.host, args.port)
+
+
+def launch(app: gr.Blocks, host: str | None, port: int | None, **options):
+    """Serve `app` locally (no share link), refusing uploads over `MAX_FILE_SIZE`."""
+    return app.launch(server_name=host, server_port=port, share=False, max_file_size=MAX_FILE_SIZE, **options)
 
 
 if __name__ == "__main__":

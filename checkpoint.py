@@ -11,28 +11,48 @@ from .modeling_valign import ValignForConditionalGeneration
 from .processing_valign import ValignProcessor
 
 
+def is_local(name: str | Path) -> bool:
+    """Whether `name` means a local folder rather than a Hub repo id, as transformers decides: it exists on disk, or
+    it looks like a path (starts with `.`, `/` or `~`, or has more than one slash; a repo id is `owner/name`)."""
+    text = str(name)
+    return Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or text.count("/") > 1
+
+
+def checkpoint_location(name: str | Path) -> str:
+    """`name` as `from_pretrained` should get it; a local path that does not exist raises FileNotFoundError (rather
+    than huggingface_hub's "Repo id must be in the form ..." for a path mistaken for a repo id)."""
+    if not is_local(name):
+        return str(name)
+    path = Path(str(name)).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{name} is a file, not a checkpoint folder" if path.exists() else f"no such folder: {name}"
+        )
+    return str(path)
+
+
 def load_checkpoint(
     name_or_path: str | Path,
     revision: str | None = None,
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    remote_code: bool = False,
+    trust_remote_code: bool = False,
 ) -> tuple[torch.nn.Module, ValignProcessor]:
     """The model (eval mode, `sdpa` attention) and processor of a valign checkpoint.
 
-    By default the model is built with the installed valign classes, so it runs the code of the valign you call;
-    `remote_code=True` loads the checkpoint's own files through the Auto classes, as Hub users do. The processor's
-    tokenizer and image processor loaders need `trust_remote_code` either way: the checkpoint's configs name its
-    remote-code classes, and without it transformers asks interactively. `device="auto"`: the GPU when there is one.
+    By default the installed valign classes load it, model and processor alike (the tokenizer and image processor
+    are the transformers classes its configs name): no file of the checkpoint runs, whatever its configs'
+    `auto_map` say. `trust_remote_code=True` loads it through the Auto classes with the checkpoint's own code, as
+    Hub users do. `device="auto"`: the GPU when there is one.
     """
-    name = str(name_or_path)
+    name = checkpoint_location(name_or_path)
     # AutoModelForImageTextToText exists in 4.57 and 5.x (4.x's AutoModelForVision2Seq warns that it is going).
-    model_class = transformers.AutoModelForImageTextToText if remote_code else ValignForConditionalGeneration
-    processor_class = transformers.AutoProcessor if remote_code else ValignProcessor
-    remote = {"trust_remote_code": True} if remote_code else {}
+    model_class = transformers.AutoModelForImageTextToText if trust_remote_code else ValignForConditionalGeneration
+    processor_class = transformers.AutoProcessor if trust_remote_code else ValignProcessor
+    remote = {"trust_remote_code": True} if trust_remote_code else {}
     model = model_class.from_pretrained(name, revision=revision, dtype=dtype, attn_implementation="sdpa", **remote)
-    processor = processor_class.from_pretrained(name, revision=revision, trust_remote_code=True)
+    processor = processor_class.from_pretrained(name, revision=revision, **remote)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None:

@@ -2,15 +2,28 @@
 
     valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
     valign ask IMAGE "QUESTION" [--no-instruction] [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
+    (both: [--revision REV] [--trust-remote-code])
 
 `ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
 `--no-instruction` sends the question alone.
 
 Without `--model`, `$VALIGN_MODEL` is used, else the offline demo's final checkpoint in the working directory
-(`outputs/demo/stages/stage-3`, made by `python -m valign.train`). Plain output is one `PATH: TEXT` line per
-image (`ask`: the answer alone); `--json` prints one JSON object per image instead: `{"path", "text"}` or
-`{"path", "error"}`. An unreadable image is reported and skipped while the others are processed; the exit status
-is then 1.
+(`outputs/demo/stages/stage-3`, made by `python -m valign.train`). A `--model` that exists on disk or looks like a
+path (starts with `.`, `/` or `~`, or has more than one slash) is a local folder, anything else a Hub repo id. The
+checkpoint's own Python files never run unless `--trust-remote-code` is given (then they load it, as for Hub users).
+
+Plain output is one `PATH: TEXT` line per image (`ask`: the answer alone); `--json` prints one JSON object per
+image instead: `{"path", "text"}` or `{"path", "error"}`. An unreadable image is reported and skipped while the
+others are processed. Exit status:
+
+- 0: every image answered;
+- 1: some images could not be read (the others were answered);
+- 2: a usage or model error: bad arguments, a model that cannot be found or loaded, a prompt that does not fit
+  the language model's positions;
+- 3: an internal error (e.g. generation crashed); answers printed before it stand.
+
+With `--json`, a failure with status 2 or 3 also prints one object `{"error", "exit_status"}` on stdout, so stdout
+is never empty (argparse's own errors excepted: they come before `--json` is known).
 
 It lives at the package root (`valign.cli`) next to the model files because it is a user-facing front end of the
 model, not an evaluation or training tool; `app.py` shares its default model.
@@ -22,6 +35,7 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +44,20 @@ from typing import Any
 import transformers
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint
+from .checkpoint import is_local, load_checkpoint
 from .data.prompts import CAPTION_PROMPT, vqa_prompt
-from .eval.generate import DecodingSettings, generate_answers
+from .eval.generate import DecodingSettings, PromptTooLongError, generate_answers
 from .processing_valign import load_image
 
 DEMO_CHECKPOINT = Path("outputs") / "demo" / "stages" / "stage-3"
 MODEL_VARIABLE = "VALIGN_MODEL"  # a checkpoint folder or Hub repo id, for the command and the app
 EXIT_IMAGE_ERRORS = 1
-EXIT_USAGE = 2  # argparse's status for bad arguments; also a missing or unloadable model
+EXIT_USAGE = 2  # argparse's status for bad arguments; also a missing or unloadable model, a prompt too long
+EXIT_INTERNAL = 3
+
+
+class UsageError(Exception):
+    """What the user asked for cannot be done (exit status 2); the message says why."""
 
 
 @dataclass
@@ -105,6 +124,11 @@ def parser() -> argparse.ArgumentParser:
             "--model", help=f"checkpoint folder or Hub repo id (default: ${MODEL_VARIABLE}, else {DEMO_CHECKPOINT})"
         )
         command.add_argument("--revision", help="Hub branch, tag or commit")
+        command.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="load with the checkpoint's own Python files (they run on this machine); default: valign's classes",
+        )
         command.add_argument("--batch-size", type=int, default=8)
         command.add_argument("--max-new-tokens", type=int, default=40)
         command.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
@@ -113,9 +137,38 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    try:
+        return answer_images(args)
+    except (UsageError, PromptTooLongError) as error:
+        return failure(args, EXIT_USAGE, str(error))
+    except Exception as error:  # a crash: reported once, with its own status, after any answers already printed
+        traceback.print_exc()
+        return failure(args, EXIT_INTERNAL, f"internal error: {type(error).__name__}: {error}")
+
+
+def failure(args: argparse.Namespace, status: int, message: str) -> int:
+    print(f"valign: error: {message}", file=sys.stderr, flush=True)
+    if args.json:
+        print(json.dumps({"error": message, "exit_status": status}, ensure_ascii=False), flush=True)
+    return status
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+    try:
+        name = args.model or default_model()
+    except FileNotFoundError as error:  # no --model and no demo checkpoint: the message says how to get one
+        raise UsageError(str(error)) from error
+    kind = "local folder" if is_local(name) else "Hub repo id"
+    try:
+        return load_checkpoint(name, args.revision, device="auto", trust_remote_code=args.trust_remote_code)
+    except Exception as error:  # missing folder, unknown repo, not a valign checkpoint, broken weights
+        raise UsageError(f"cannot load the model {name} ({kind}): {error}") from error
+
+
+def answer_images(args: argparse.Namespace) -> int:
+    """Print an answer (or an error) for every image; the exit status. Raises UsageError."""
     if args.batch_size < 1 or args.max_new_tokens < 1:
-        print("valign: error: --batch-size and --max-new-tokens must be positive", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("--batch-size and --max-new-tokens must be positive")
     if args.command == "caption":
         paths, prompt = args.images, args.prompt
     else:
@@ -123,16 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Loading notices and the weight-loading bar would bury the answers; errors still raise.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    try:
-        name = args.model or default_model()
-    except FileNotFoundError as error:  # no --model and no demo checkpoint: the message says how to get one
-        print(f"valign: error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        model, processor = load_checkpoint(name, args.revision, device="auto")
-    except (OSError, ValueError) as error:  # missing folder, unknown repo, not a valign checkpoint
-        print(f"valign: error: cannot load the model {name}: {error}", file=sys.stderr)
-        return EXIT_USAGE
+    model, processor = load_model(args)
 
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     failed = 0

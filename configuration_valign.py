@@ -73,6 +73,11 @@ class ValignConfig(PretrainedConfig):
             Side in pixels of the square images the vision encoder is fed, i.e. what the paired image processor
             makes. Defaults to the encoder's own `image_size`; a different value (DINOv2 folders declare 518 while
             their processor crops 224) makes the encoder interpolate its position embeddings.
+        pixel_shuffle_factor (`int`, *optional*, defaults to 1):
+            Image-token compression before the projector (space-to-depth, as Idefics3, SmolVLM and nanoVLM do):
+            each `f × f` block of the encoder's patch grid becomes one token `f²` times as wide, so an image becomes
+            `(grid side / f)²` tokens. 1 keeps every patch (the paper's 256 tokens); 2 gives 64, 4 gives 16. The
+            grid side must be divisible by it.
         attn_mode (`str`, *optional*, defaults to `"hybrid"`):
             Attention policy applied inside `forward`: `"hybrid"` (image tokens of one image attend to each other
             both ways, the rest is causal), `"bidirectional"` (every token sees every token; alignment stage only)
@@ -92,6 +97,7 @@ class ValignConfig(PretrainedConfig):
         image_token_id: int = QWEN_IMAGE_PAD_ID,
         attn_mode: str = "hybrid",
         image_size: int | None = None,
+        pixel_shuffle_factor: int = 1,
         **kwargs: Any,
     ) -> None:
         if attn_mode not in ATTN_MODES:
@@ -104,15 +110,32 @@ class ValignConfig(PretrainedConfig):
         self.image_token_id = image_token_id
         self.attn_mode = attn_mode
         self.image_size = image_size or getattr(self.vision_config, "image_size", None)
+        self.pixel_shuffle_factor = pixel_shuffle_factor
+        _ = self.image_seq_length  # refuses, at once, a factor that does not divide the patch grid
         # The outer model owns lm_head, so it must know whether the language model ties it to its embeddings.
         kwargs["tie_word_embeddings"] = getattr(self.text_config, "tie_word_embeddings", False)
         kwargs.setdefault("auto_map", dict(AUTO_MAP))
         super().__init__(**kwargs)
 
     @property
+    def image_grid_size(self) -> int:
+        """Patches per side of the encoder's square grid for `image_size`-px images."""
+        return self.image_size // self.vision_config.patch_size
+
+    @property
     def image_seq_length(self) -> int:
-        """Number of patch tokens one image becomes (CLS and register tokens excluded)."""
-        return (self.image_size // self.vision_config.patch_size) ** 2
+        """Number of tokens one image becomes: its patch grid (CLS and register tokens excluded), pixel-shuffled.
+
+        The one place the count is computed: the model's image features, its attention mask (which keys image
+        identity by it) and, through `from_backbones`, the processor's image span all read it.
+        """
+        side, factor = self.image_grid_size, self.pixel_shuffle_factor
+        if not isinstance(factor, int) or factor < 1 or side % factor:
+            raise ValueError(
+                f"pixel_shuffle_factor must be a positive integer dividing the {side}×{side} patch grid "
+                f"({self.image_size}-px images, {self.vision_config.patch_size}-px patches), got {factor!r}"
+            )
+        return (side // factor) ** 2
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

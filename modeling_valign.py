@@ -10,6 +10,7 @@ SFTTrainer and PEFT expect. This file is served as Hub remote code and runs on t
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,6 +116,26 @@ def packed_document_ids(
     return document_ids_of(position_ids)
 
 
+def pixel_shuffle(patches: torch.Tensor, factor: int) -> torch.Tensor:
+    """Space-to-depth on a square patch grid, as Idefics3, SmolVLM and nanoVLM compress image tokens.
+
+    `(batch, side², width)` in row-major grid order → `(batch, (side / factor)², width · factor²)`: each output token
+    is one `factor × factor` block of neighbouring patches, its width their features concatenated row by row;
+    blocks stay in row-major order. Factor 1 returns `patches` itself.
+    """
+    if factor == 1:
+        return patches
+    batch, length, width = patches.shape
+    side = math.isqrt(length)
+    if side * side != length or side % factor:
+        raise ValueError(
+            f"pixel shuffle by {factor} needs a square grid with a side divisible by it, got {length} patches"
+        )
+    blocks = side // factor
+    grid = patches.reshape(batch, blocks, factor, blocks, factor, width)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, blocks * blocks, factor * factor * width)
+
+
 def unwrap_vision_encoder(model: nn.Module) -> nn.Module:
     """The encoder itself, whichever transformers major built it.
 
@@ -162,11 +183,13 @@ class ValignCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 
 class ValignMultiModalProjector(nn.Module):
-    """Two linear layers with an activation between them: vision width → projector width → text width."""
+    """Two linear layers with an activation between them: image-token width (the vision width × the pixel-shuffle
+    factor²) → projector width → text width."""
 
     def __init__(self, config: ValignConfig) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(config.vision_config.hidden_size, config.projector_hidden_size)
+        in_features = config.vision_config.hidden_size * config.pixel_shuffle_factor**2
+        self.linear_1 = nn.Linear(in_features, config.projector_hidden_size)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
 
@@ -215,7 +238,7 @@ class ValignModel(ValignPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Project images `(n, channels, size, size)` to language-model embeddings `(n, image_seq_length, width)`."""
-        self._check_pixel_shape(pixel_values)
+        self._check_pixel_values(pixel_values)
         layer = self.config.vision_feature_layer
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         pixel_values = pixel_values.to(dtype)
@@ -224,8 +247,8 @@ class ValignModel(ValignPreTrainedModel):
             hidden = self.vision_tower(pixel_values, **kwargs).last_hidden_state
         else:
             hidden = encoder_hidden_state(self.vision_tower, pixel_values, layer, **kwargs)
-        patches = hidden[:, -self.config.image_seq_length :]  # drop leading CLS / register tokens
-        return self.multi_modal_projector(patches)
+        patches = hidden[:, -(self.config.image_grid_size**2) :]  # drop leading CLS / register tokens
+        return self.multi_modal_projector(pixel_shuffle(patches, self.config.pixel_shuffle_factor))
 
     def _encoder_resolution_kwargs(self) -> dict:
         """SigLIP and CLIP interpolate their position embeddings only when asked; DINOv2 always does."""
@@ -235,7 +258,7 @@ class ValignModel(ValignPreTrainedModel):
             return {"interpolate_pos_encoding": True}
         return {}
 
-    def _check_pixel_shape(self, pixel_values: torch.Tensor) -> None:
+    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
         expected = (getattr(vision, "num_channels", 3), self.config.image_size, self.config.image_size)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -243,6 +266,10 @@ class ValignModel(ValignPreTrainedModel):
                 f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
                 f"got {tuple(pixel_values.shape)}; preprocess images with the ValignProcessor"
             )
+        # NaN / Inf would make every logit NaN without a word. One float32 sum per prefill (isfinite().all() costs
+        # ~15x more on CPU); it cannot overflow for pixel values, and the image-token count already syncs a GPU.
+        if not torch.isfinite(pixel_values.sum(dtype=torch.float32)):
+            raise ValueError("pixel_values hold NaN or infinite values")
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if input_ids is not None:
@@ -485,4 +512,10 @@ ValignForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToT
 # taking `cache_position`); a precomputed signature answers it at once, saving ~70 µs per token.
 ValignForConditionalGeneration.forward.__signature__ = inspect.signature(ValignForConditionalGeneration.forward)
 
-__all__ = ["ValignForConditionalGeneration", "ValignModel", "ValignPreTrainedModel", "build_attention_mask"]
+__all__ = [
+    "ValignForConditionalGeneration",
+    "ValignModel",
+    "ValignPreTrainedModel",
+    "build_attention_mask",
+    "pixel_shuffle",
+]

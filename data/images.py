@@ -1,8 +1,8 @@
-"""Image cells (PIL images, {"bytes", "path"} dicts, bytes, paths) → RGB images."""
+"""Image cells (PIL images, {"bytes", "path"} dicts, bytes, paths) → RGB images, decoded by the model's own
+`load_image` (processing_valign.py), so training reads exactly the pixels inference reads."""
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image as PILImage
 
+from ..processing_valign import load_image
 from .skips import SkipRow
 
 
@@ -23,38 +24,23 @@ def has_image(value: Any) -> bool:
 def decode_image(value: Any, image_root: str | os.PathLike | None = None) -> PILImage.Image | None:
     """An RGB image from a PIL image, ``{"bytes", "path"}`` dict, bytes or path (relative ones under `image_root`).
 
-    Returns None for an empty cell; raises :class:`SkipRow` ("unreadable_image") when decoding fails.
+    Returns None for an empty cell; raises :class:`SkipRow` ("unreadable_image") when `load_image` refuses it
+    (unreadable, missing, over the pixel limit, non-finite values).
     """
     if not has_image(value):
         return None
     if isinstance(value, Mapping):
         value = value["bytes"] if value.get("bytes") is not None else value["path"]
-    if isinstance(value, PILImage.Image):
-        return _to_rgb(value)
-    source = _image_source(value, image_root)
     try:
-        with PILImage.open(source) as image:
-            return _to_rgb(image)
-    except Exception as error:  # PIL raises many types on corrupt data (OSError, ValueError, SyntaxError, ...)
-        name = "<bytes>" if isinstance(source, io.BytesIO) else str(source)
-        raise SkipRow("unreadable_image", f"cannot read image {name}: {error}") from error
+        return load_image(_image_source(value, image_root))
+    except ValueError as error:  # load_image's message names the image and the reason
+        raise SkipRow("unreadable_image", str(error)) from error
 
 
-def _image_source(value: Any, image_root: str | os.PathLike | None) -> io.BytesIO | Path:
-    if isinstance(value, (bytes, bytearray)):
-        return io.BytesIO(value)
+def _image_source(value: Any, image_root: str | os.PathLike | None) -> PILImage.Image | bytes | bytearray | Path:
+    if isinstance(value, (PILImage.Image, bytes, bytearray)):
+        return value
     if isinstance(value, (str, os.PathLike)):
         path = Path(value).expanduser()
         return path if path.is_absolute() or image_root is None else Path(image_root) / path
     raise SkipRow("unreadable_image", f"unsupported image value of type {type(value).__name__}")
-
-
-def _to_rgb(image: PILImage.Image) -> PILImage.Image:
-    """Decode fully (truncated files fail here, not in the collator) and convert to RGB; transparency becomes white."""
-    image.load()
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        flat = PILImage.new("RGB", rgba.size, (255, 255, 255))
-        flat.paste(rgba, mask=rgba.getchannel("A"))
-        return flat
-    return image.convert("RGB")  # a copy even for RGB input, so samples never share pixels with the source

@@ -36,7 +36,9 @@ __all__ = [
     "METRIC_NAMES",
     "JavaNotFoundError",
     "SpiceUnavailableError",
+    "check_references",
     "close_meteor",
+    "require_java",
     "score_captions",
 ]
 
@@ -81,7 +83,7 @@ def score_captions(
         SpiceUnavailableError: `spice=True` but SPICE's CoreNLP models are missing.
     """
     _validate_inputs(predictions, references)
-    _require_java()
+    require_java()
     if spice:
         _require_spice_models()
 
@@ -114,15 +116,23 @@ def _validate_inputs(predictions: Mapping[Hashable, str], references: Mapping[Ha
     for image_id, caption in predictions.items():
         if not isinstance(caption, str):
             raise ValueError(f"Prediction for image {image_id!r} must be a str, got {type(caption).__name__}.")
+    check_references(references)
+
+
+def check_references(references: Mapping[Hashable, Sequence[str]]) -> None:
+    """Raise ValueError unless every image has a non-empty list of non-blank reference captions (str)."""
     for image_id, captions in references.items():
         # A bare string is a Sequence[str] too, but would be scored as one reference per character.
         if isinstance(captions, str) or not all(isinstance(c, str) for c in captions):
             raise ValueError(f"References for image {image_id!r} must be a list of str, got {captions!r}.")
         if len(captions) == 0:
             raise ValueError(f"Image {image_id!r} has an empty reference list.")
+        if not all(c.strip() for c in captions):
+            raise ValueError(f"Image {image_id!r} has a blank reference caption: {list(captions)!r}.")
 
 
-def _require_java() -> None:
+def require_java() -> None:
+    """Raise :class:`JavaNotFoundError` unless a `java` executable is on PATH."""
     # Without this check pycocoevalcap fails with an unrelated-looking FileNotFoundError or KeyError.
     if shutil.which("java") is None:
         raise JavaNotFoundError(

@@ -35,6 +35,22 @@ def generation_mode(model, requested: str | None) -> str:
     return "hybrid" if mode == "bidirectional" else mode
 
 
+class PromptTooLongError(ValueError):
+    """A prompt, its image tokens and the tokens to generate need more positions than the language model has."""
+
+
+def check_positions(model, prompt_length: int, max_new_tokens: int) -> None:
+    """Refuse a generation past `text_config.max_position_embeddings`: the rotary embedding would compute positions
+    the model never saw, and answer without a word of warning."""
+    limit = getattr(model.config.text_config, "max_position_embeddings", None)
+    if limit is not None and prompt_length + max_new_tokens > limit:
+        raise PromptTooLongError(
+            f"the prompt takes {prompt_length} tokens (image tokens included) and up to {max_new_tokens} new tokens "
+            f"are asked: {prompt_length + max_new_tokens} positions, more than the language model's "
+            f"{limit} (text_config.max_position_embeddings); shorten the prompt or lower max_new_tokens"
+        )
+
+
 @torch.no_grad()
 def generate_answers(
     model,
@@ -46,7 +62,8 @@ def generate_answers(
     progress: bool = True,
 ) -> list[str]:
     """The model's reply to `prompts[i]` about `images[i]`, for every i, with a progress bar unless `progress`
-    is False (callers that show their own)."""
+    is False (callers that show their own). Raises PromptTooLongError before generating a batch that does not fit
+    the language model's positions."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     settings = settings or DecodingSettings()
@@ -57,6 +74,7 @@ def generate_answers(
         for start in range(0, len(texts), settings.batch_size):
             stop = start + settings.batch_size
             batch = processor(images=list(images[start:stop]), text=texts[start:stop]).to(model.device)
+            check_positions(model, batch["input_ids"].shape[1], settings.max_new_tokens)
             tokens = model.generate(
                 **batch,
                 attn_mode=mode,

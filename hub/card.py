@@ -111,7 +111,7 @@ def model_card(
     )
     sections = [
         _intro(title, summary, stage, base_models),
-        _usage_section(repo_id, revision),
+        _usage_section(repo_id, revision, (config or {}).get("attn_mode")),
         _training_section(stage, config, datasets),
         _evaluation_section(eval_results, metrics),
         f"## Limitations\n\n{LIMITATIONS}",
@@ -292,12 +292,23 @@ SUPPORTED_TRANSFORMERS = (
 )
 
 
-def _usage_section(repo_id: str, revision: str | None) -> str:
+def _usage_section(repo_id: str, revision: str | None, attn_mode: str | None = None) -> str:
     pin = f'revision="{revision}", ' if revision else ""
     pin_note = f' This card pins the revision `"{revision}"` (its branch); drop it for `main`.' if revision else ""
+    # generate() refuses bidirectional attention (not consistent with a KV cache): such a checkpoint is decoded
+    # with the hybrid mask, so its snippets ask for it.
+    hybrid = attn_mode == "bidirectional"
+    mode_note = (
+        "\n\nThis checkpoint was trained with bidirectional attention (`config.attn_mode`), which `generate` "
+        'refuses: the snippets decode it with the hybrid mask (`attn_mode="hybrid"`).'
+        if hybrid
+        else ""
+    )
+    mode = 'attn_mode="hybrid", ' if hybrid else ""
+    pipe_mode = ', generate_kwargs={"attn_mode": "hybrid"}' if hybrid else ""
     return f"""## Usage
 
-The model is remote code: load it with `trust_remote_code=True`.{pin_note} {SUPPORTED_TRANSFORMERS}
+The model is remote code: load it with `trust_remote_code=True`.{pin_note} {SUPPORTED_TRANSFORMERS}{mode_note}
 
 ```python
 import transformers
@@ -314,7 +325,7 @@ processor = transformers.AutoProcessor.from_pretrained(repo_id, {pin}trust_remot
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "{CAPTION_PROMPT}"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[image], text=[prompt])
-tokens = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+tokens = model.generate(**inputs, {mode}max_new_tokens=40, do_sample=False)
 print(processor.batch_decode(tokens[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0])
 ```
 
@@ -326,7 +337,7 @@ from transformers import pipeline
 pipe = pipeline("image-text-to-text", model="{repo_id}", {pin}trust_remote_code=True)
 image = {{"type": "image", "url": "{EXAMPLE_IMAGE_URL}"}}
 messages = [{{"role": "user", "content": [image, {{"type": "text", "text": "{EXAMPLE_QUESTION}"}}]}}]
-print(pipe(text=messages, max_new_tokens=40, return_full_text=False)[0]["generated_text"])
+print(pipe(text=messages, max_new_tokens=40, return_full_text=False{pipe_mode})[0]["generated_text"])
 ```
 
 From the command line, with the valign package installed: `valign caption photo.jpg --model {repo_id}` or

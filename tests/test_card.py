@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -130,11 +131,28 @@ print(json.dumps(printed))
 """
 
 
-def test_usage_snippets_run_in_fresh_processes(checkpoint: Path, model_and_processor, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def bidirectional_checkpoint(checkpoint: Path, tmp_path_factory) -> Path:
+    """The session checkpoint as an alignment stage (stage 0) saves it: `attn_mode` bidirectional."""
+    folder = tmp_path_factory.mktemp("stage-0")
+    shutil.copytree(checkpoint, folder, dirs_exist_ok=True)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "attn_mode": "bidirectional"}))
+    return folder
+
+
+# Stage 0 trains with bidirectional attention, which generate() refuses: its card's snippets must still run, and
+# decode with the hybrid mask (the same answers as the hybrid checkpoint with the same weights).
+@pytest.mark.parametrize("stage", ["stage-3", "stage-0"])
+def test_usage_snippets_run_in_fresh_processes(
+    stage: str, request: pytest.FixtureRequest, model_and_processor, tmp_path: Path
+) -> None:
     image = tmp_path / "shape.png"
     shape_image("red").save(image)
-    # A stage card pins revision="stage-3": loading a local folder must still work.
-    card = stage_model_card("stage-3", {}, [], BASE_MODELS, repo_id=REPO_ID)
+    config = {"name": stage, "attn_mode": "bidirectional"} if stage == "stage-0" else {}
+    checkpoint = request.getfixturevalue("bidirectional_checkpoint" if stage == "stage-0" else "checkpoint")
+    # A stage card pins revision="stage-N": loading a local folder must still work.
+    card = stage_model_card(stage, config, [], BASE_MODELS, repo_id=REPO_ID)
     files = []
     for index, snippet in enumerate(usage_snippets(card, checkpoint, image)):
         files.append(tmp_path / f"snippet{index}.py")

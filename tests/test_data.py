@@ -17,7 +17,7 @@ from PIL import Image
 
 from valign.data.adapters import AdaptedDataset, AdaptedIterableDataset, RowAdapter, adapt, build_dataset, detect_schema
 from valign.data.prompts import user_content
-from valign.data.skips import SkipCounter
+from valign.data.skips import SkipCounter, SkipRow
 from valign.data.sources import load_rows
 from valign.data.synthetic import (
     CONVERSATION_FEATURES,
@@ -124,17 +124,17 @@ def test_dataloader_workers_counts_reach_the_main_process():
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=list)
     ids = [sample["id"] for batch in loader for sample in batch]
     assert ids == ["a", "d", "d", "d", "a"]
-    # index 1 reads b, c, d; 2 reads c, d; 4 reads e, a: 9 rows read, b and e twice unreadable in total, c twice
-    assert dataset.skips.rows_read == 9
-    assert dataset.skips.counts == {"unreadable_image": 2, "image_tag_count": 2}
+    # index 1 reads b, c, d; 2 reads c, d; 4 reads e, a: distinct rows count once, whichever worker read them
+    assert dataset.skips.rows_read == 5
+    assert dataset.skips.counts == {"unreadable_image": 2, "image_tag_count": 1}
 
 
 def test_skip_counter_copies_are_snapshots():
     skips = SkipCounter()
-    skips.record_row()
-    skips.skip("missing_text", "x", "no caption")
+    part = skips.track(2)
+    skips.count(part, 0, "x", SkipRow("missing_text", "no caption"))
     clone = copy.deepcopy(skips)
-    clone.skip("missing_text", "y", "no caption")
+    clone.count(part, 1, "y", SkipRow("missing_text", "no caption"))
     assert skips.counts == {"missing_text": 1} and clone.counts == {"missing_text": 2}
     assert "row 'x': no caption" in skips.report()
 

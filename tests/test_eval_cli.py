@@ -31,7 +31,7 @@ def test_caption_command_scores_captions_that_equal_their_references_as_perfect(
           "--num-beams", "1", "--max-new-tokens", "8", "--output", str(output)])  # fmt: skip
     wall = time.perf_counter() - start
     results = json.loads(output.read_text())
-    assert results["captions"] == {str(i): caption for i, caption in zip(eval_set["image_id"], own)}
+    assert results["captions"] == [{"image_id": str(i), "caption": c} for i, c in zip(eval_set["image_id"], own)]
     assert results["scores"]["Bleu_1"] == pytest.approx(1.0, abs=1e-6)
     assert results["scores"]["ROUGE_L"] == pytest.approx(1.0, abs=1e-6)
     assert results["decoding"] == {"max_new_tokens": 8, "num_beams": 1, "batch_size": 16, "attn_mode": None}

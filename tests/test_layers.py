@@ -12,11 +12,12 @@ from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
 MODEL_FILES = ("configuration_valign", "modeling_valign", "processing_valign")
 # Layer -> the layers it may import (itself always). The remote-code model files import only each other; `data`
-# nothing of valign; the package root exports the model and `from_backbones` (train.assembly); cli and app sit on top.
+# only the model files (images are decoded by the processor's `load_image`, the bottom layer); the package root
+# exports the model and `from_backbones` (train.assembly); cli and app sit on top.
 ALLOWED = {
     "model": set(),
     "checkpoint": {"model"},
-    "data": set(),
+    "data": {"model"},
     "eval": {"data", "checkpoint", "model"},
     "hub": {"data"},
     "train": {"eval", "hub", "data", "checkpoint", "model"},

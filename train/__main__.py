@@ -1,12 +1,15 @@
 """valign's training command line.
 
     python -m valign.train                                   the embedded default: the offline CPU demo
-    python -m valign.train demo [--output DIR] [--resume]
+    python -m valign.train demo [--output DIR] [--resume]       (without --resume it replaces an earlier demo)
     python -m valign.train ablations [--output DIR] [--arms ARM ...]
     python -m valign.train recipe paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
-        [--data-root DIR] [--resume] [--push-to-hub USER/REPO] [--max-steps N]
+        [--data-root DIR] [--resume | --overwrite] [--push-to-hub USER/REPO] [--max-steps N]
     python -m valign.train stage train/recipes/paper/stage1.yaml --init runs/paper/stage-0 --output runs/paper/stage-1
+
+An --output that already holds a run is refused unless --resume continues it (only the very run that wrote it: same
+stage config, data files and starting checkpoint) or --overwrite deletes it.
 
 Several processes: prefix any of these with `torchrun --nproc_per_node N -m valign.train ...` (or
 `accelerate launch -m valign.train ...`); the Trainer sets up DDP from the environment.
@@ -22,6 +25,7 @@ from .ablations import ARMS
 from .assembly import assemble_init
 from .config import StageConfig
 from .distributed import is_main_process
+from .fingerprint import refuse_to_replace
 from .run import run_recipe, run_stage
 
 
@@ -45,7 +49,9 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--output", type=Path, required=True)
         command.add_argument("--init", type=Path, help="a valign checkpoint to start from")
         command.add_argument("--data-root", type=Path, help="folder that relative data sources are resolved in")
-        command.add_argument("--resume", action="store_true")
+        choice = command.add_mutually_exclusive_group()
+        choice.add_argument("--resume", action="store_true", help="continue the run in --output")
+        choice.add_argument("--overwrite", action="store_true", help="delete the run in --output and start afresh")
         command.add_argument("--max-steps", type=int, help="override every stage's max_steps (smoke runs)")
     recipe.add_argument("--vision", default="google/siglip-so400m-patch14-224")
     recipe.add_argument("--text", default="Qwen/Qwen2.5-0.5B-Instruct")
@@ -71,21 +77,32 @@ def main(argv: list[str] | None = None) -> None:
         if args.init is None:
             raise SystemExit("stage needs --init CHECKPOINT (the previous stage's output folder)")
         config = StageConfig.from_yaml(args.config, **overrides["*"])
-        run_stage(config, args.init, args.output, args.data_root, args.resume)
+        run_stage(config, args.init, args.output, args.data_root, args.resume, overwrite=args.overwrite)
         if is_main_process():
             write_model_card(args.output)  # the stage, its configuration and data come from its stage record
         return
-    init = args.init or assemble_init(args.vision, args.text, args.gguf_file, args.output / "init")
     run_recipe(
         args.recipe,
-        init,
+        args.init or recipe_init(args),
         args.output,
         args.data_root,
         args.resume,
         args.push_to_hub,
         base_models=[args.vision, args.text],
         overrides=overrides,
+        overwrite=args.overwrite,
     )
+
+
+def recipe_init(args: argparse.Namespace) -> Path:
+    """The recipe's starting checkpoint, assembled from its backbones into OUTPUT/init. A resume keeps the one
+    there (stage 0's fingerprint names its files); a fresh run refuses to replace it unless --overwrite."""
+    folder = args.output / "init"
+    if args.resume and (folder / "config.json").is_file():
+        return folder
+    if not args.overwrite:
+        refuse_to_replace([folder])
+    return assemble_init(args.vision, args.text, args.gguf_file, folder)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def from_backbones(
     `vision` and `text` are Hub ids or local folders; `gguf_file` loads the language model from a GGUF file
     in `text`. The projector is freshly initialised. The tokenizer's image token is reused when it has one
     (Qwen2.5 has `<|image_pad|>`), else it is added, with ChatML tokens where missing, and the embeddings
-    grow to match. `config_kwargs` go to `ValignConfig` (attn_mode, projector_hidden_size, ...).
+    grow to match. `config_kwargs` go to `ValignConfig` (attn_mode, projector_hidden_size,
+    pixel_shuffle_factor, ...); the processor's image span follows the config's `image_seq_length`.
 
     Returns:
         `(model, processor)`.

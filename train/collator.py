@@ -8,6 +8,10 @@ sees its successor, so plain next-token loss would be trivial.
 With `packing`, the samples of a batch are laid end to end in rows of at most `pack_length` tokens instead of
 one padded row each (transformers' padding-free convention: no attention mask, position ids restarting at 0 per
 sample). The model then keeps every sample to itself (`build_attention_mask`), so the loss is the unpacked one.
+
+A sample that cannot train (`max_length` would cut into its image, or leave none of its answer) raises `SkipRow`
+in `encode`: a dataset given `encode` (`data.adapters.adapt`) skips and counts it and the collator reuses the
+encoding it made, so a bad row never reaches a batch and nothing is tokenized twice.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from ..data.skips import SkipRow
 from ..modeling_valign import IGNORE_INDEX
 
 
@@ -97,8 +102,15 @@ class ConversationCollator:
         self.packing = packing
         self.pack_length = pack_length or max_length
 
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        """What a sample's text must not spell out: the processor reads these strings as (parts of) image spans."""
+        tokens = (self.processor.image_token, self.processor.vision_start_token, self.processor.vision_end_token)
+        return tuple(token for token in tokens if token)
+
     def encode(self, sample: dict) -> dict[str, torch.Tensor]:
-        """One sample: token ids, labels (answer tokens only), pixel values; cut to `max_length`."""
+        """One sample: token ids, labels (answer tokens only), pixel values; cut to `max_length`. Raises `SkipRow`
+        ("too_long") when the cut would reach into the image or leave no supervised token."""
         encoded = self.processor.apply_chat_template(
             [conversation_with_image(sample["messages"], sample["image"])],
             tokenize=True,
@@ -108,12 +120,14 @@ class ConversationCollator:
         )
         input_ids = encoded["input_ids"][0]
         labels = input_ids.masked_fill(~encoded["assistant_masks"][0].bool(), IGNORE_INDEX)
-        if len(input_ids) > self.max_length:
+        if (labels == IGNORE_INDEX).all():
+            raise ValueError(f"sample {sample['id']}: the chat template marks no answer token ({{% generation %}})")
+        if (length := len(input_ids)) > self.max_length:
             if (input_ids[self.max_length :] == self.processor.image_token_id).any():
-                raise ValueError(
-                    f"sample {sample['id']}: max_length={self.max_length} would cut into its image; raise max_length"
-                )
+                raise SkipRow("too_long", f"{length} tokens: max_length={self.max_length} cuts into the image")
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+            if (labels == IGNORE_INDEX).all():
+                raise SkipRow("too_long", f"{length} tokens: max_length={self.max_length} cuts off the whole answer")
         if self.text_mask_ratio > 0:
             generator = sample_generator(str(sample["id"]), self.seed)
             input_ids, labels = mask_answer_tokens(
@@ -122,7 +136,7 @@ class ConversationCollator:
         return {"input_ids": input_ids, "labels": labels, "pixel_values": encoded.get("pixel_values")}
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
-        encoded = [self.encode(sample) for sample in samples if sample is not None]
+        encoded = [sample.get("encoded") or self.encode(sample) for sample in samples if sample is not None]
         if not encoded:
             raise ValueError("a batch in which every sample was skipped: check the data report")
         if self.packing:

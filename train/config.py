@@ -84,6 +84,9 @@ class StageConfig:
     lora: LoraSettings | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name in ("", ".", "..") or any(c in self.name for c in "/\\\0"):
+            # The name is a folder inside --output (and a Hub branch): a path would write outside it.
+            raise ValueError(f"stage name must be a plain folder name (no '/', '\\', '..'), got {self.name!r}")
         self.data = [d if isinstance(d, DataSource) else DataSource(**d) for d in self.data]
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)

@@ -126,10 +126,14 @@ def percent(scores: dict, key: str = "accuracy") -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def loss(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"  # None: a stage shorter than its logging interval
+
+
 def report(result: DemoResult) -> str:
     """A markdown report: losses per stage, caption scores, VQA accuracy beside the image-blind baselines."""
     lines = ["| stage | first loss | last loss |", "|---|---|---|"]
-    lines += [f"| {s.name} | {s.first_loss:.3f} | {s.last_loss:.3f} |" for s in result.stages]
+    lines += [f"| {s.name} | {loss(s.first_loss)} | {loss(s.last_loss)} |" for s in result.stages]
     scores = result.captions["scores"]
     lines += ["", f"Captions ({len(result.captions['captions'])} held-out scenes, greedy): "]
     lines[-1] += ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items())
@@ -152,13 +156,26 @@ def run_demo(
     overrides: dict[str, dict] | None = None,
     skip: tuple[str, ...] = (),
 ) -> DemoResult:
-    """Data, backbones, the demo recipe (`overrides` and `skip` as in `run_recipe`), evaluation and report."""
+    """Data, backbones, the demo recipe (`overrides` and `skip` as in `run_recipe`), evaluation and report.
+
+    Without `resume` it starts afresh and replaces an earlier demo's stages in `output` (as `--overwrite` does):
+    it makes its data and starting checkpoint anew, so stages trained from the earlier ones could only mix."""
     sizes = sizes or DemoSizes()
     data = output / "data"
     if not (resume and (data / "vqa_train.parquet").exists()):
         make_demo_data(data, sizes)
     init = output / "init" if resume and (output / "init" / "config.json").exists() else build_demo_init(output, sizes)
-    stages = run_recipe("demo", init, output / "stages", data, resume, base_models=[], overrides=overrides, skip=skip)
+    stages = run_recipe(
+        "demo",
+        init,
+        output / "stages",
+        data,
+        resume,
+        base_models=[],
+        overrides=overrides,
+        skip=skip,
+        overwrite=not resume,
+    )
     captions, vqa = evaluate_demo(stages[-1].folder, sizes)
     result = DemoResult(stages, captions, vqa, sizes)
     text = report(result)

@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument("--split", default="train")
     cli.add_argument("--limit", type=int, help="train on the first N questions only")
     cli.add_argument("--output", type=Path, required=True)
+    choice = cli.add_mutually_exclusive_group()
+    choice.add_argument("--resume", action="store_true", help="continue the run in --output")
+    choice.add_argument("--overwrite", action="store_true", help="delete the run in --output and start afresh")
     cli.add_argument("--merge", action="store_true", help="also save a merged checkpoint to OUTPUT/merged")
     cli.add_argument("--push-to-hub", metavar="REPO", help="push the merged folder (with --merge) or the adapter")
     cli.add_argument("--epochs", type=float, default=1.0)
@@ -91,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     config = stage_config(args)
     data = config.data[0].source
-    run_stage(config, args.model, args.output, revision=args.revision)
+    run_stage(config, args.model, args.output, resume=args.resume, revision=args.revision, overwrite=args.overwrite)
     print(f"adapter saved to {args.output}")
 
     eval_results = []

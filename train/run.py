@@ -17,7 +17,6 @@ import torch
 import transformers
 from torch.utils.data import ConcatDataset
 from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..checkpoint import load_checkpoint
 from ..configuration_valign import checkpointing_arguments
@@ -30,12 +29,23 @@ from ..processing_valign import ValignProcessor
 from .collator import ConversationCollator
 from .config import StageConfig
 from .distributed import is_main_process, wait_for_everyone
+from .fingerprint import (
+    CHECKPOINTS,
+    Fingerprint,
+    FingerprintCallback,
+    is_finished,
+    prepare_output,
+    refuse_to_replace,
+    run_fingerprint,
+    write_fingerprint,
+)
 from .lora import add_lora, save_merged, stage_lora_config
 from .trainer import (
     SkipReportCallback,
     TrainingLogCallback,
     ValignTrainer,
     module_of,
+    plot_stage_log,
     read_training_log,
     set_trainable,
 )
@@ -81,7 +91,10 @@ def resolve_source(source: str, data_root: Path | None) -> str:
     return source
 
 
-def stage_dataset(config: StageConfig, data_root: Path | None) -> tuple[ConcatDataset, SkipCounter]:
+def stage_dataset(
+    config: StageConfig, data_root: Path | None, collator: ConversationCollator
+) -> tuple[ConcatDataset, SkipCounter]:
+    """The stage's data; rows that `collator` cannot use (an image token in the text, too long) are skipped."""
     skips = SkipCounter()
     parts = [
         build_dataset(
@@ -92,10 +105,19 @@ def stage_dataset(config: StageConfig, data_root: Path | None) -> tuple[ConcatDa
             skips=skips,
             caption_prompt=config.caption_prompt,
             seed=config.seed,
+            placeholders=collator.placeholders,
+            encode=collator.encode,
         )
         for d in config.data
     ]
     return ConcatDataset(parts), skips
+
+
+def stage_fingerprint(
+    config: StageConfig, init_from: str | Path, data_root: Path | None, revision: str | None = None
+) -> Fingerprint:
+    """The fingerprint of training `config` from `init_from` (see `train/fingerprint.py`)."""
+    return run_fingerprint(config, [resolve_source(d.source, data_root) for d in config.data], init_from, revision)
 
 
 def warmup_argument(ratio: float) -> dict[str, float]:
@@ -107,7 +129,7 @@ def warmup_argument(ratio: float) -> dict[str, float]:
 def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArguments:
     """The stage's TrainingArguments; `config.extra_training_args` add fields or replace these."""
     defaults = dict(
-        output_dir=str(output_dir / "checkpoints"),
+        output_dir=str(output_dir / CHECKPOINTS),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
@@ -140,12 +162,19 @@ def run_stage(
     data_root: str | Path | None = None,
     resume: bool = False,
     revision: str | None = None,
+    overwrite: bool = False,
 ) -> StageResult:
     """Train one stage from the checkpoint `init_from` (a folder or Hub id, at `revision`); the final checkpoint
     goes to `output_dir`. A LoRA stage (`config.lora`) saves its adapter there, and with `merge` the merged
-    checkpoint to `output_dir/merged`."""
+    checkpoint to `output_dir/merged`.
+
+    `resume` continues the run in `output_dir` from its newest complete checkpoint, and refuses when another run
+    wrote it (`train/fingerprint.py`); without it, an `output_dir` holding a run is refused, or with `overwrite`
+    deleted first."""
     output_dir = Path(output_dir)
     data_root = Path(data_root) if data_root is not None else None
+    fingerprint = stage_fingerprint(config, init_from, data_root, revision)
+    checkpoint = prepare_output(output_dir, fingerprint, resume, overwrite)
     model, processor = load_checkpoint(init_from, revision)
     if config.attn_mode is not None:
         model.config.attn_mode = config.attn_mode  # the checkpoint carries the policy it was trained with
@@ -165,7 +194,6 @@ def run_stage(
         trainable = set_trainable(model, config.learning_rates)
     logger.info("%s: trainable parameters %s", config.name, trainable)
 
-    dataset, skips = stage_dataset(config, data_root)
     collator = ConversationCollator(
         processor,
         config.max_length,
@@ -175,36 +203,42 @@ def run_stage(
         packing=config.packing,
         pack_length=config.pack_length,
     )
+    dataset, skips = stage_dataset(config, data_root, collator)
     args = training_arguments(config, output_dir)
-    if not resume and (output_dir / "training_log.jsonl").exists():
-        (output_dir / "training_log.jsonl").unlink()  # a fresh run starts a fresh log
+    if checkpoint is None and (output_dir / "training_log.jsonl").exists():
+        (output_dir / "training_log.jsonl").unlink()  # a run from step 0 starts a fresh log
     trainer = ValignTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
         data_collator=collator,
         learning_rates=config.learning_rates,
-        callbacks=[TrainingLogCallback(output_dir, config.name), SkipReportCallback(skips)],
+        callbacks=[
+            TrainingLogCallback(output_dir),
+            SkipReportCallback(skips, output_dir),
+            FingerprintCallback(fingerprint),  # last: it marks a checkpoint complete
+        ],
     )
-    checkpoint = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     trainer.train(resume_from_checkpoint=checkpoint)
 
     if is_main_process():
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
         (output_dir / STAGE_RECORD).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        print(f"{config.name}: {skips.report()}")
+        print(f"{config.name} ({output_dir / SkipReportCallback.FILE}): {skips.report()}")
         if config.lora is not None and config.lora.merge:
             save_merged(model, processor, output_dir / "merged")  # merges in place: the last use of `model`
+        write_fingerprint(output_dir, fingerprint)  # last: the stage is complete
+        plot_stage_log(output_dir, config.name)
     wait_for_everyone()  # the next stage loads this folder in every process
-    log = read_training_log(output_dir / "training_log.jsonl") if (output_dir / "training_log.jsonl").exists() else []
-    return StageResult(
-        name=config.name,
-        folder=output_dir,
-        first_loss=log[0]["loss"] if log else None,
-        last_loss=log[-1]["loss"] if log else None,
-        skip_report=skips.report(),
-    )
+    return StageResult(config.name, output_dir, *logged_losses(output_dir), skip_report=skips.report())
+
+
+def logged_losses(folder: Path) -> tuple[float | None, float | None]:
+    """The first and last logged loss of a stage; None when it logged none (fewer steps than `logging_steps`)."""
+    path = folder / "training_log.jsonl"
+    log = read_training_log(path) if path.exists() else []
+    return (log[0]["loss"], log[-1]["loss"]) if log else (None, None)
 
 
 def recipe_stages(recipe: str | Path) -> list[Path]:
@@ -224,11 +258,6 @@ def with_overrides(config: StageConfig, overrides: dict[str, dict]) -> StageConf
     return dataclasses.replace(config, **{k: v for k, v in values.items() if v is not None})
 
 
-def is_finished(folder: Path) -> bool:
-    saved = ("config.json", "adapter_config.json")  # a full checkpoint, or a LoRA stage's adapter
-    return (folder / STAGE_RECORD).exists() and any((folder / name).exists() for name in saved)
-
-
 def run_recipe(
     recipe: str | Path,
     init_from: str | Path,
@@ -239,10 +268,12 @@ def run_recipe(
     base_models: list[str] | None = None,
     overrides: dict[str, dict] | None = None,
     skip: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> list[StageResult]:
-    """Run every stage of `recipe`, each from the previous one's output; with `resume`, finished stages are kept
-    and an interrupted one continues from its last checkpoint. `push_to_hub` pushes stage N to branch `stage-N`
-    and the last stage to `main` as well.
+    """Run every stage of `recipe`, each from the previous one's output; with `resume`, finished stages of this
+    same run are kept and an interrupted one continues from its last complete checkpoint. Without `resume`, stage
+    folders holding a run are refused before anything trains, or with `overwrite` replaced. `push_to_hub` pushes
+    stage N to branch `stage-N` and the last stage to `main` as well.
 
     `overrides` maps a stage name (or "*", every stage) to field values replacing the file's; stages named in
     `skip` are left out (for ablations)."""
@@ -252,15 +283,17 @@ def run_recipe(
     unmerged = [c.name for c in configs[:-1] if c.lora is not None and not c.lora.merge]
     if unmerged:
         raise ValueError(f"LoRA stages {unmerged} come before others: set `merge: true` for the next to start from")
+    if not (resume or overwrite):
+        refuse_to_replace([output_dir / c.name for c in configs])
+    data_root = Path(data_root) if data_root is not None else None
     results, previous = [], Path(init_from)
     for index, config in enumerate(configs):
         folder = output_dir / config.name
-        if resume and is_finished(folder):
+        if resume and is_finished(folder, stage_fingerprint(config, previous, data_root)):
             print(f"{config.name}: already finished in {folder}, kept")
-            log = read_training_log(folder / "training_log.jsonl")
-            results.append(StageResult(config.name, folder, log[0]["loss"], log[-1]["loss"], "kept"))
+            results.append(StageResult(config.name, folder, *logged_losses(folder), "kept"))
         else:
-            results.append(run_stage(config, previous, folder, data_root, resume))
+            results.append(run_stage(config, previous, folder, data_root, resume, overwrite=overwrite))
         if is_main_process():
             card = stage_model_card(
                 config.name, config.to_dict(), [d.source for d in config.data], base_models or [], repo_id=push_to_hub

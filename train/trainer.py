@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data.skips import SkipCounter
 from .config import MODULES
@@ -63,11 +64,11 @@ class ValignTrainer(Trainer):
 
 
 class TrainingLogCallback(TrainerCallback):
-    """Write the loss and per-module learning rates as JSON lines, and a PNG plot when training ends."""
+    """Write the loss and per-module learning rates as JSON lines (`plot_stage_log` draws them once the stage is
+    saved)."""
 
-    def __init__(self, folder: str | Path, stage: str) -> None:
+    def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.stage = stage
         self.path = self.folder / "training_log.jsonl"
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs) -> None:
@@ -80,22 +81,43 @@ class TrainingLogCallback(TrainerCallback):
         with self.path.open("a") as log:
             log.write(json.dumps(record) + "\n")
 
-    def on_train_end(self, args, state, control, **kwargs) -> None:
-        if state.is_world_process_zero and self.path.exists():
-            plot_training_log(self.path, self.folder / "training_log.png", title=self.stage)
-
 
 class SkipReportCallback(TrainerCallback):
-    """Logs the skip report of a training set at each epoch end and at the end of training."""
+    """The skip report of a training set: logged at each epoch end, written to `folder/skips.json` when training
+    ends (`SkipCounter.summary`). Each checkpoint holds the counts so far with their ledgers (`skips.json`, from
+    `SkipCounter.state_dict`), and a run resumed from it continues them: rows read before the checkpoint are not
+    read again, and rows read again after it are not counted twice."""
 
-    def __init__(self, skips: SkipCounter) -> None:
+    FILE = "skips.json"
+
+    def __init__(self, skips: SkipCounter, folder: str | Path) -> None:
         self.skips = skips
+        self.folder = Path(folder)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or state.global_step == 0:
+            return
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}" / self.FILE
+        if path.is_file():
+            self.skips.load_state_dict(json.loads(path.read_text()))
+        else:
+            logger.warning(
+                "%s is missing: the skip report counts only the rows read from step %s", path, state.global_step
+            )
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            (checkpoint / self.FILE).write_text(json.dumps(self.skips.state_dict(), indent=1) + "\n")
 
     def on_epoch_end(self, args, state, control, **kwargs):
         logger.info("training data, epoch %s: %s", state.epoch, self.skips.report())
 
     def on_train_end(self, args, state, control, **kwargs):
         logger.info("training data: %s", self.skips.report())
+        if state.is_world_process_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / self.FILE).write_text(json.dumps(self.skips.summary(), indent=1) + "\n")
 
 
 def read_training_log(path: str | Path) -> list[dict]:
@@ -105,6 +127,20 @@ def read_training_log(path: str | Path) -> list[dict]:
         record = json.loads(line)
         records[record["step"]] = record
     return [records[step] for step in sorted(records)]
+
+
+def plot_stage_log(folder: Path, title: str) -> None:
+    """Plot a saved stage's training log. Drawn after the model is saved, and an error is only reported: the plot
+    must never cost the trained stage."""
+    log = folder / "training_log.jsonl"
+    if not log.exists():
+        return
+    try:
+        plot_training_log(log, folder / "training_log.png", title=title)
+    except Exception as error:  # matplotlib missing, a malformed log, a full disk: nothing to lose the stage over
+        logger.error(
+            "%s: no loss plot (%s: %s); the trained stage is saved in %s", title, type(error).__name__, error, folder
+        )
 
 
 def plot_training_log(log_path: str | Path, png_path: str | Path, title: str) -> None:
