@@ -41,6 +41,7 @@ MODEL_TESTS = [
     "tests/test_cross_version.py",
     "tests/test_compat.py",
     "tests/test_real_shapes.py",
+    "tests/test_pixel_shuffle.py",
 ]
 SUPPORTED = ["5.23.0"]  # releases we promise to support besides the locked ones (constraints/)
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
