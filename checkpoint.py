@@ -11,6 +11,19 @@ from .modeling_valign import ValignForConditionalGeneration
 from .processing_valign import ValignProcessor
 
 
+def native_bf16(device: str | torch.device = "cpu") -> bool:
+    """Whether `device` computes bf16 natively, so bf16 is faster than fp32 there.
+
+    On CUDA, what torch reports. On a CPU only AVX512-BF16 or AMX count: without them torch's bf16 matmuls fall
+    back to generic kernels, measured 5-200x *slower* than fp32 on an AVX2-only 2-core machine (see DESIGN.md).
+    """
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # torch.cpu has no public capability query for these two; the private probes exist since torch 2.1.
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
 def is_local(name: str | Path) -> bool:
     """Whether `name` means a local folder rather than a Hub repo id, as transformers decides: it exists on disk, or
     it looks like a path (starts with `.`, `/` or `~`, or has more than one slash; a repo id is `owner/name`)."""

@@ -22,7 +22,7 @@ from valign.data.synthetic import load_easy_vqa, make_caption_dataset, write_par
 from valign.modeling_valign import IGNORE_INDEX
 from valign.train.collator import ConversationCollator, mask_answer_tokens, sample_generator
 from valign.train.config import LoraSettings, StageConfig
-from valign.train.run import ensure_mask_token, run_recipe, run_stage
+from valign.train.run import ensure_mask_token, resolve_precision, run_recipe, run_stage, training_arguments
 from valign.train.trainer import module_of, set_trainable
 
 
@@ -162,6 +162,26 @@ def test_a_merged_lora_stage_is_where_the_next_stage_starts(checkpoint, data_roo
     with pytest.raises(ValueError, match="set `merge: true`"):
         unmerged = dataclasses.replace(lora, lora=LoraSettings(r=4))
         run_recipe(write_recipe(tmp_path / "bad", unmerged, frozen_lm), checkpoint, tmp_path / "bad-out", data_root)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "native", "expected"),
+    [(False, False, "fp32"), (False, True, "bf16"), (True, True, "bf16"), (True, False, "fp16")],
+)
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(
+    monkeypatch, tmp_path, cuda, native, expected
+):
+    # An AVX2-only CPU runs bf16 matmuls 5-200x slower than fp32 (DESIGN.md): auto must not pick bf16 there.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr("valign.train.run.native_bf16", lambda device: native)
+    assert resolve_precision("auto") == expected
+    assert resolve_precision("fp32") == "fp32"  # an explicit choice stands
+    if not cuda:  # TrainingArguments refuses fp16/bf16 flags for a missing GPU only in the cuda cases
+        config = StageConfig(
+            name="s", attn_mode="hybrid", learning_rates={"language_model": 1e-3}, data=[{"source": "x"}]
+        )
+        args = training_arguments(config, tmp_path)
+        assert (args.bf16, args.fp16) == (expected == "bf16", False)
 
 
 def test_per_module_learning_rates_and_frozen_modules(checkpoint, data_root, tmp_path):

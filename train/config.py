@@ -13,7 +13,7 @@ from ..configuration_valign import ATTN_MODES
 from ..data.prompts import CAPTION_PROMPT
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the device computes it natively (`resolve_precision`)
 # What a LoRA stage adapts: the language model's projections (by these names) and, in full, the projector.
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -74,7 +74,7 @@ class StageConfig:
     max_length: int = 2048
     packing: bool = False  # samples end to end in rows (no padding), each attending only to itself
     pack_length: int | None = None  # tokens per packed row; None = max_length
-    precision: str = "bf16"
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     save_steps: int = 500
     logging_steps: int = 10

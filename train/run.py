@@ -18,7 +18,7 @@ import transformers
 from torch.utils.data import ConcatDataset
 from transformers import TrainingArguments
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, native_bf16
 from ..configuration_valign import checkpointing_arguments
 from ..data.adapters import build_dataset
 from ..data.skips import SkipCounter
@@ -126,8 +126,19 @@ def warmup_argument(ratio: float) -> dict[str, float]:
     return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
 
 
+def resolve_precision(precision: str) -> str:
+    """The precision a stage trains in: "auto" is bf16 where the device computes it natively (a GPU with bf16, or
+    a CPU with AVX512-BF16 / AMX), else fp16 on a GPU and fp32 on a CPU; other values stand as given."""
+    if precision != "auto":
+        return precision
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bf16" if native_bf16(device) else "fp16" if device == "cuda" else "fp32"
+
+
 def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArguments:
     """The stage's TrainingArguments; `config.extra_training_args` add fields or replace these."""
+    precision = resolve_precision(config.precision)
+    logger.info("%s: training in %s (precision: %s)", config.name, precision, config.precision)
     defaults = dict(
         output_dir=str(output_dir / CHECKPOINTS),
         num_train_epochs=config.epochs,
@@ -138,8 +149,8 @@ def training_arguments(config: StageConfig, output_dir: Path) -> TrainingArgumen
         **warmup_argument(config.warmup_ratio),
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
-        bf16=config.precision == "bf16",
-        fp16=config.precision == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         **(checkpointing_arguments() if config.gradient_checkpointing else {}),
         save_strategy="steps",
         save_steps=config.save_steps,
