@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers
 from scripts.crossload import chat, shape_image  # noqa: F401  (re-exported for the tests)
+from transformers import TrainerCallback
 
 import valign
 from valign.train.backbones import build_tiny_backbones
@@ -94,6 +95,39 @@ class RepositoryRootIsNoTestPackage:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collect_directory(self, path: Path, parent: pytest.Collector) -> pytest.Dir | None:
         return pytest.Dir.from_parent(parent, path=path) if path == REPO else None
+
+
+class Kill(TrainerCallback):
+    """Raises like a kill at `step`: after the step (`on_step_end`) or after the Trainer saved its checkpoint
+    but before the later callbacks wrote theirs (`on_save`, when it goes first)."""
+
+    def __init__(self, event: str, step: int) -> None:
+        self.event, self.step = event, step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.event == "step" and state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill")
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.event == "save" and state.global_step == self.step:
+            raise KeyboardInterrupt("simulated kill while saving")
+
+
+def killed_run(monkeypatch, config, init: Path, folder: Path, data_root: Path, kill: Kill) -> None:
+    """`run_stage` killed by `kill`: it raises out, and no final model is saved."""
+    import valign.train.run as run_module
+
+    original = run_module.ValignTrainer
+
+    class KilledTrainer(original):
+        def __init__(self, *args, callbacks=(), **kwargs):
+            super().__init__(*args, callbacks=[kill, *callbacks], **kwargs)
+
+    monkeypatch.setattr(run_module, "ValignTrainer", KilledTrainer)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run_stage(config, init, folder, data_root)
+    monkeypatch.setattr(run_module, "ValignTrainer", original)
+    assert not (folder / "model.safetensors").exists()
 
 
 def pytest_configure(config: pytest.Config) -> None:

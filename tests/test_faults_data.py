@@ -11,11 +11,10 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from conftest import Kill, killed_run
 from datasets import Dataset
 from PIL import Image
-from transformers import TrainerCallback
 
-import valign.train.run as run_module
 from valign.data.adapters import RowAdapter, adapt
 from valign.data.skips import SkipCounter
 from valign.data.synthetic import CONVERSATION_FEATURES, write_parquet
@@ -230,22 +229,8 @@ def test_a_killed_run_resumes_past_its_bad_rows_and_keeps_counting(checkpoint, b
         math.isfinite(x) for x in losses(tmp_path / "straight")
     )
 
-    class Kill(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise KeyboardInterrupt("simulated kill")
-
-    original = run_module.ValignTrainer
-
-    class KilledTrainer(original):
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[*callbacks, Kill()], **kwargs)
-
-    monkeypatch.setattr(run_module, "ValignTrainer", KilledTrainer)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(stage(2), checkpoint, tmp_path / "resumed", bad_data)
+    killed_run(monkeypatch, stage(2), checkpoint, tmp_path / "resumed", bad_data, Kill("step", 3))
     saved = json.loads((tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / "skips.json").read_text())
     assert 0 < saved["rows_read"] < 10 and "ledger" in saved
-    monkeypatch.setattr(run_module, "ValignTrainer", original)
     run_stage(stage(2), checkpoint, tmp_path / "resumed", bad_data, resume=True)
     assert json.loads((tmp_path / "resumed" / "skips.json").read_text()) == straight

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import Kill, killed_run
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
-import valign.train.run as run_module
 import valign.train.trainer as trainer_module
 from valign.data.synthetic import make_caption_dataset, write_parquet
 from valign.train.__main__ import main
@@ -65,36 +64,6 @@ def straight(checkpoint, data_root, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("straight") / "s"
     run_stage(stage(), checkpoint, folder, data_root)
     return folder
-
-
-class Kill(TrainerCallback):
-    """Raises like a kill at `step`: after the step (`on_step_end`) or after the Trainer saved its checkpoint
-    but before the later callbacks wrote theirs (`on_save`, when it goes first)."""
-
-    def __init__(self, event: str, step: int) -> None:
-        self.event, self.step = event, step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.event == "step" and state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill")
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.event == "save" and state.global_step == self.step:
-            raise KeyboardInterrupt("simulated kill while saving")
-
-
-def killed_run(monkeypatch, config: StageConfig, init: Path, folder: Path, data_root: Path, kill: Kill) -> None:
-    original = run_module.ValignTrainer
-
-    class KilledTrainer(original):
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[kill, *callbacks], **kwargs)
-
-    monkeypatch.setattr(run_module, "ValignTrainer", KilledTrainer)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(config, init, folder, data_root)
-    monkeypatch.setattr(run_module, "ValignTrainer", original)
-    assert not (folder / "model.safetensors").exists()
 
 
 def test_a_fresh_run_into_a_finished_stage_is_refused_and_overwrite_replaces_it(checkpoint, data_root, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, shape_image
+from conftest import REPO, Kill, killed_run, shape_image
 from hub_server import loopback_hub
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
@@ -203,27 +203,9 @@ def test_killed_and_resumed_stage_ends_like_an_uninterrupted_one(checkpoint, dat
     config = stage("s", text_mask_ratio=0.0, max_steps=6)
     run_stage(config, checkpoint, tmp_path / "straight", data_root)
 
-    from transformers import TrainerCallback
-
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 4:
-                raise KeyboardInterrupt("simulated kill")
-
-    import valign.train.run as run_module
-
-    original = run_module.ValignTrainer
-
-    class CrashingTrainer(original):
-        def __init__(self, *args, callbacks=(), **kwargs):
-            super().__init__(*args, callbacks=[*callbacks, Crash()], **kwargs)
-
-    monkeypatch.setattr(run_module, "ValignTrainer", CrashingTrainer)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(config, checkpoint, tmp_path / "resumed", data_root)
+    killed_run(monkeypatch, config, checkpoint, tmp_path / "resumed", data_root, Kill("step", 4))
     assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3").is_dir()
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    monkeypatch.setattr(run_module, "ValignTrainer", original)
     run_stage(config, checkpoint, tmp_path / "resumed", data_root, resume=True)
 
     straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
