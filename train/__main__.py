@@ -1,8 +1,8 @@
 """valign's training command line.
 
     python -m valign.train                                   the embedded default: the offline CPU demo
-    python -m valign.train demo [--output DIR] [--resume]       (without --resume it replaces an earlier demo)
-    python -m valign.train ablations [--output DIR] [--arms ARM ...]
+    python -m valign.train demo [--output DIR] [--resume] [--backbones tiny]   (without --resume: replaces one)
+    python -m valign.train ablations [--output DIR] [--arms ARM ...] [--seeds 0 1 2] [--backbones tiny]
     python -m valign.train recipe paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
         [--data-root DIR] [--resume | --overwrite] [--push-to-hub USER/REPO] [--max-steps N]
@@ -21,9 +21,10 @@ import argparse
 from pathlib import Path
 
 from ..hub.card import write_model_card
-from .ablations import ARMS
+from .ablations import ARMS, SEEDS
 from .assembly import assemble_init
 from .config import StageConfig
+from .demo import BACKBONES
 from .distributed import is_main_process
 from .fingerprint import refuse_to_replace
 from .run import run_recipe, run_stage
@@ -36,10 +37,18 @@ def parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the offline CPU demo (the default)")
     demo.add_argument("--output", type=Path, default=Path("outputs/demo"))
     demo.add_argument("--resume", action="store_true", help="keep finished stages, continue an interrupted one")
+    demo.add_argument(
+        "--backbones",
+        choices=BACKBONES,
+        default="packaged",
+        help="packaged: DINOv2-small + SmolLM2-135M-Instruct from PyPI (default); tiny: random, a quick check",
+    )
 
     ablations = commands.add_parser("ablations", help="the paper's ablations, miniature, on the demo")
     ablations.add_argument("--output", type=Path, default=Path("outputs/ablations"))
     ablations.add_argument("--arms", nargs="+", choices=list(ARMS), help="a subset of the arms (default: all)")
+    ablations.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds per arm (default: 0 1 2)")
+    ablations.add_argument("--backbones", choices=BACKBONES, default="packaged")
 
     recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
     recipe.add_argument("recipe", help="a folder of stage*.yaml files, or a shipped recipe's name: demo, paper")
@@ -63,14 +72,15 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if args.command in (None, "demo"):
-        from .demo import run_demo
+        from .demo import DemoSizes, run_demo
 
-        run_demo(getattr(args, "output", Path("outputs/demo")), resume=getattr(args, "resume", False))
+        sizes = DemoSizes(backbones=getattr(args, "backbones", "packaged"))
+        run_demo(getattr(args, "output", Path("outputs/demo")), sizes, resume=getattr(args, "resume", False))
         return
     if args.command == "ablations":
         from .ablations import run_ablations
 
-        run_ablations(args.output, args.arms)
+        run_ablations(args.output, args.arms, tuple(args.seeds), args.backbones)
         return
     overrides = {"*": {"max_steps": args.max_steps}}
     if args.command == "stage":

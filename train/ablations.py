@@ -1,22 +1,29 @@
-"""A miniature reproduction of the paper's ablations on the offline demo, each arm with the same data and settings.
+"""A miniature reproduction of the paper's ablations on the offline demo: each arm with the same data, settings
+and number of training steps, several seeds per arm.
 
 Arms: the recipe as the paper has it (hybrid mask, stages 0–3, recap captions); the causal mask in stages 1–3;
-without the alignment stages 0–1; human-like instead of recap captions. Writes `ablations.md` (VQA and caption
-scores per arm, with standard errors) and `ablation_losses.png` (training loss of every arm, stage after stage).
+without the alignment stages 0–1 (their steps go to stage 2, so the budget in steps is the same); human-like
+instead of recap captions. A seed sets the projector's initialisation and every stage's data order. Writes
+`ablations.md` (mean ± standard deviation over seeds and the per-seed figures), `ablations.json` and
+`ablation_losses.png` (training loss of every arm and seed, stage after stage).
 
-    python -m valign.train ablations [--output outputs/ablations]
+    python -m valign.train ablations [--output outputs/ablations] [--seeds 0 1 2] [--arms paper causal]
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import StageConfig
 from .demo import DemoResult, DemoSizes, run_demo
+from .run import recipe_stages
 from .trainer import read_training_log
+
+SEEDS = (0, 1, 2)
 
 
 @dataclass
@@ -32,48 +39,82 @@ ARMS = {
     "causal": Arm(
         "causal mask in stages 1–3", overrides={s: {"attn_mode": "causal"} for s in ("stage-1", "stage-2", "stage-3")}
     ),
-    "no-alignment": Arm("without stages 0–1", skip=("stage-0", "stage-1")),
+    "no-alignment": Arm("without stages 0–1 (their steps added to stage 2)", skip=("stage-0", "stage-1")),
     "human": Arm("human-like captions instead of recap", caption_style="human"),
+}
+# What the table reports per run, as (label, reader of a DemoResult): accuracies and CIDEr ×100.
+METRICS = {
+    "VQA": lambda r: 100 * r.vqa["model"]["accuracy"],
+    "colour": lambda r: 100 * r.vqa["model"]["per_type"]["colour"]["accuracy"],
+    "shape": lambda r: 100 * r.vqa["model"]["per_type"]["shape"]["accuracy"],
+    "yes/no": lambda r: 100 * r.vqa["model"]["per_type"]["yes/no"]["accuracy"],
+    "CIDEr": lambda r: 100 * r.captions["scores"]["CIDEr"],
 }
 
 
-def run_arm(output: Path, arm: Arm) -> tuple[DemoResult, float]:
+def arm_overrides(arm: Arm, recipe: str) -> dict[str, dict]:
+    """The arm's stage overrides; a skipped stage's `max_steps` move to the first stage that runs, so every arm
+    trains the same number of optimizer steps (a skipped stage without `max_steps` is refused: its steps are
+    unknown before its data is read)."""
+    if not arm.skip:
+        return arm.overrides
+    configs = [StageConfig.from_yaml(path) for path in recipe_stages(recipe)]
+    skipped = [c for c in configs if c.name in arm.skip]
+    if any(c.max_steps <= 0 for c in skipped):
+        raise ValueError(f"recipe {recipe}: the stages {list(arm.skip)} need max_steps to move their budget")
+    first = next(c for c in configs if c.name not in arm.skip)
+    if first.max_steps <= 0:
+        raise ValueError(f"recipe {recipe}: {first.name} needs max_steps to take the skipped stages' steps")
+    steps = first.max_steps + sum(c.max_steps for c in skipped)
+    return {**arm.overrides, first.name: {**arm.overrides.get(first.name, {}), "max_steps": steps}}
+
+
+def run_arm(output: Path, arm: Arm, seed: int, backbones: str) -> tuple[DemoResult, float]:
     start = time.perf_counter()
-    sizes = dataclasses.replace(DemoSizes(), caption_style=arm.caption_style)
-    result = run_demo(output, sizes, resume=True, overrides=arm.overrides, skip=arm.skip)
+    sizes = DemoSizes(backbones=backbones, caption_style=arm.caption_style, seed=seed)
+    result = run_demo(output, sizes, resume=True, overrides=arm_overrides(arm, sizes.recipe), skip=arm.skip)
     return result, time.perf_counter() - start
 
 
-def table(results: dict[str, tuple[DemoResult, float]]) -> str:
-    lines = [
-        "| arm | VQA accuracy ± s.e. | colour | shape | yes/no | caption CIDEr | BLEU-4 | minutes |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, (result, seconds) in results.items():
-        vqa, captions = result.vqa["model"], result.captions["scores"]
-        per_type = " | ".join(f"{100 * vqa['per_type'][t]['accuracy']:.1f}" for t in ("colour", "shape", "yes/no"))
-        lines.append(
-            f"| {ARMS[key].label} | {100 * vqa['accuracy']:.1f} ± {100 * vqa['accuracy_stderr']:.1f} | {per_type} | "
-            f"{100 * captions['CIDEr']:.1f} | {100 * captions['Bleu_4']:.1f} | {seconds / 60:.1f} |"
-        )
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+
+
+def table(results: dict[str, dict[int, tuple[DemoResult, float]]]) -> str:
+    """Mean ± standard deviation over seeds per arm, then every seed's figures."""
+    header = "| arm | seeds | " + " | ".join(METRICS) + " | minutes per run |"
+    lines = [header, "|---|---|" + "---|" * (len(METRICS) + 1)]
+    for key, runs in results.items():
+        cells = [mean_sd([read(r) for r, _ in runs.values()]) for read in METRICS.values()]
+        minutes = statistics.mean(t for _, t in runs.values()) / 60
+        lines.append(f"| {ARMS[key].label} | {len(runs)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    lines += ["", "Per seed:", "", "| arm | seed | " + " | ".join(METRICS) + " |"]
+    lines.append("|---|---|" + "---|" * len(METRICS))
+    for key, runs in results.items():
+        for seed, (result, _) in runs.items():
+            cells = [f"{read(result):.1f}" for read in METRICS.values()]
+            lines.append(f"| {key} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_losses(results: dict[str, tuple[DemoResult, float]], path: Path) -> None:
+def plot_losses(results: dict[str, dict[int, tuple[DemoResult, float]]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9, 4))
-    for key, (result, _) in results.items():
-        steps, losses, offset = [], [], 0
-        for stage in result.stages:
-            log = read_training_log(stage.folder / "training_log.jsonl")
-            steps += [offset + r["step"] for r in log]
-            losses += [r["loss"] for r in log]
-            offset = steps[-1]
-        axis.plot(steps, losses, label=ARMS[key].label)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for colour, (key, runs) in zip(colours, results.items(), strict=False):
+        for index, (result, _) in enumerate(runs.values()):
+            steps, losses, offset = [], [], 0
+            for stage in result.stages:
+                log = read_training_log(stage.folder / "training_log.jsonl")
+                steps += [offset + r["step"] for r in log]
+                losses += [r["loss"] for r in log]
+                offset = steps[-1] if steps else offset
+            axis.plot(steps, losses, color=colour, alpha=0.7, label=ARMS[key].label if index == 0 else None)
     axis.set(xlabel="optimizer step, stages in sequence", ylabel="training loss", yscale="log")
     axis.legend(fontsize="small")
     figure.tight_layout()
@@ -81,12 +122,22 @@ def plot_losses(results: dict[str, tuple[DemoResult, float]], path: Path) -> Non
     plt.close(figure)
 
 
-def run_ablations(output: Path, arms: list[str] | None = None) -> str:
-    results = {key: run_arm(output / key, ARMS[key]) for key in arms or list(ARMS)}
-    text = table(results)
+def run_ablations(
+    output: Path, arms: list[str] | None = None, seeds: tuple[int, ...] = SEEDS, backbones: str = "packaged"
+) -> str:
+    start = time.perf_counter()
+    results = {
+        key: {seed: run_arm(output / key / f"seed-{seed}", ARMS[key], seed, backbones) for seed in seeds}
+        for key in arms or list(ARMS)
+    }
+    text = table(results) + f"\n\nWhole run: {(time.perf_counter() - start) / 60:.1f} minutes."
     (output / "ablations.md").write_text(text + "\n")
     summary = {
-        k: {"vqa": r.vqa["model"], "captions": r.captions["scores"], "seconds": t} for k, (r, t) in results.items()
+        key: {
+            seed: {"vqa": r.vqa["model"], "captions": r.captions["scores"], "seconds": t}
+            for seed, (r, t) in runs.items()
+        }
+        for key, runs in results.items()
     }
     (output / "ablations.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     plot_losses(results, output / "ablation_losses.png")

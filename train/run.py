@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class StageResult:
     first_loss: float | None
     last_loss: float | None
     skip_report: str
+    seconds: float | None = None  # wall time of the stage, loading and saving included (None: kept by a resume)
 
 
 def ensure_mask_token(model: ValignForConditionalGeneration, processor: ValignProcessor, token: str) -> int:
@@ -182,6 +184,7 @@ def run_stage(
     `resume` continues the run in `output_dir` from its newest complete checkpoint, and refuses when another run
     wrote it (`train/fingerprint.py`); without it, an `output_dir` holding a run is refused, or with `overwrite`
     deleted first."""
+    start = time.perf_counter()
     output_dir = Path(output_dir)
     data_root = Path(data_root) if data_root is not None else None
     fingerprint = stage_fingerprint(config, init_from, data_root, revision)
@@ -230,6 +233,8 @@ def run_stage(
             FingerprintCallback(fingerprint),  # last: it marks a checkpoint complete
         ],
     )
+    if is_main_process():
+        print(f"{config.name}: {describe(config, len(dataset))} -> {output_dir}", flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)
 
     if is_main_process():
@@ -242,7 +247,16 @@ def run_stage(
         write_fingerprint(output_dir, fingerprint)  # last: the stage is complete
         plot_stage_log(output_dir, config.name)
     wait_for_everyone()  # the next stage loads this folder in every process
-    return StageResult(config.name, output_dir, *logged_losses(output_dir), skip_report=skips.report())
+    seconds = time.perf_counter() - start
+    return StageResult(config.name, output_dir, *logged_losses(output_dir), skips.report(), seconds)
+
+
+def describe(config: StageConfig, samples: int) -> str:
+    """One line saying what a stage trains, on what, with which mask: printed above its progress bar."""
+    rates = ", ".join(f"{module} {lr:g}" for module, lr in config.learning_rates.items())
+    length = f"{config.max_steps} steps of {config.batch_size}" if config.max_steps > 0 else f"{config.epochs:g} epoch"
+    masking = f", {config.text_mask_ratio:.0%} of answer tokens masked" if config.text_mask_ratio else ""
+    return f"{config.attn_mode or 'checkpoint'} mask{masking}; training {rates}; {length} from {samples} rows"
 
 
 def logged_losses(folder: Path) -> tuple[float | None, float | None]:
