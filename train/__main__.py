@@ -2,6 +2,7 @@
 
     python -m valign.train                                   the embedded default: the offline CPU demo
     python -m valign.train demo [--output DIR] [--resume] [--backbones tiny]   (without --resume: replaces one)
+    python -m valign.train curve [--output DIR] [--steps 28 56 112 224 448] [--backbones tiny]
     python -m valign.train ablations [--output DIR] [--arms ARM ...] [--seeds 0 1 2] [--backbones tiny]
     python -m valign.train recipe paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
@@ -24,6 +25,7 @@ from ..hub.card import write_model_card
 from .ablations import ARMS, SEEDS
 from .assembly import assemble_init
 from .config import StageConfig
+from .curve import CURVE_STEPS
 from .demo import BACKBONES
 from .distributed import is_main_process
 from .fingerprint import refuse_to_replace
@@ -49,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     ablations.add_argument("--arms", nargs="+", choices=list(ARMS), help="a subset of the arms (default: all)")
     ablations.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds per arm (default: 0 1 2)")
     ablations.add_argument("--backbones", choices=BACKBONES, default="packaged")
+
+    curve = commands.add_parser("curve", help="the demo's VQA accuracy against training time")
+    curve.add_argument("--output", type=Path, default=Path("outputs/curve"))
+    curve.add_argument("--steps", nargs="+", type=int, default=list(CURVE_STEPS), help="last-stage budgets")
+    curve.add_argument("--backbones", choices=BACKBONES, default="packaged")
 
     recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
     recipe.add_argument("recipe", help="a folder of stage*.yaml files, or a shipped recipe's name: demo, paper")
@@ -81,6 +88,12 @@ def main(argv: list[str] | None = None) -> None:
         from .ablations import run_ablations
 
         run_ablations(args.output, args.arms, tuple(args.seeds), args.backbones)
+        return
+    if args.command == "curve":
+        from .curve import run_curve
+        from .demo import DemoSizes
+
+        run_curve(args.output, tuple(args.steps), DemoSizes(backbones=args.backbones))
         return
     overrides = {"*": {"max_steps": args.max_steps}}
     if args.command == "stage":

@@ -128,7 +128,8 @@ def packaged_demo_backbones(folder: Path) -> tuple[Path, Path]:
     resized = folder / f"dinov2-small-{PACKAGED_IMAGE_SIZE}px"
     resized.mkdir(parents=True, exist_ok=True)
     for file in vision.iterdir():
-        if file.name != "preprocessor_config.json" and not (resized / file.name).exists():
+        if file.name != "preprocessor_config.json":
+            (resized / file.name).unlink(missing_ok=True)  # a link into an older cache folder may dangle
             (resized / file.name).symlink_to(file.resolve())
     preprocessor = json.loads((vision / "preprocessor_config.json").read_text())
     preprocessor.update(size={"height": PACKAGED_IMAGE_SIZE, "width": PACKAGED_IMAGE_SIZE}, do_center_crop=False)
@@ -150,15 +151,11 @@ def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
     return folder / "init"
 
 
-def evaluate_demo(checkpoint: Path, sizes: DemoSizes) -> tuple[dict, dict]:
-    model, processor = load_checkpoint(checkpoint)
-    settings = DecodingSettings(max_new_tokens=40, batch_size=32)
-    eval_set = make_caption_eval_set(sizes.caption_eval, image_size=sizes.image_size)
-    captions = evaluate_captions(
-        model, processor, eval_set["image"], eval_set["captions"], eval_set["image_id"], CAPTION_PROMPT, settings
-    )
+def evaluate_demo_vqa(model, processor, sizes: DemoSizes) -> dict:
+    """easy-VQA test accuracy per question type, beside the answer prior (from the training questions) and the
+    model on mismatched images."""
     test, train = load_easy_vqa("test", sizes.vqa_test), load_easy_vqa("train", sizes.vqa_train)
-    vqa = evaluate_vqa(
+    return evaluate_vqa(
         model,
         processor,
         test["image"],
@@ -169,7 +166,16 @@ def evaluate_demo(checkpoint: Path, sizes: DemoSizes) -> tuple[dict, dict]:
         train["answer"],
         DecodingSettings(max_new_tokens=4, batch_size=64),
     )
-    return captions, vqa
+
+
+def evaluate_demo(checkpoint: Path, sizes: DemoSizes) -> tuple[dict, dict]:
+    model, processor = load_checkpoint(checkpoint)
+    settings = DecodingSettings(max_new_tokens=40, batch_size=32)
+    eval_set = make_caption_eval_set(sizes.caption_eval, image_size=sizes.image_size)
+    captions = evaluate_captions(
+        model, processor, eval_set["image"], eval_set["captions"], eval_set["image_id"], CAPTION_PROMPT, settings
+    )
+    return captions, evaluate_demo_vqa(model, processor, sizes)
 
 
 def percent(scores: dict, key: str = "accuracy") -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import transformers
 from torch.utils.data import ConcatDataset
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from ..checkpoint import load_checkpoint, native_bf16
 from ..configuration_valign import checkpointing_arguments
@@ -176,10 +176,11 @@ def run_stage(
     resume: bool = False,
     revision: str | None = None,
     overwrite: bool = False,
+    callbacks: tuple[TrainerCallback, ...] = (),
 ) -> StageResult:
     """Train one stage from the checkpoint `init_from` (a folder or Hub id, at `revision`); the final checkpoint
     goes to `output_dir`. A LoRA stage (`config.lora`) saves its adapter there, and with `merge` the merged
-    checkpoint to `output_dir/merged`.
+    checkpoint to `output_dir/merged`. `callbacks` join the Trainer's (e.g. the accuracy curve's snapshots).
 
     `resume` continues the run in `output_dir` from its newest complete checkpoint, and refuses when another run
     wrote it (`train/fingerprint.py`); without it, an `output_dir` holding a run is refused, or with `overwrite`
@@ -230,6 +231,7 @@ def run_stage(
         callbacks=[
             TrainingLogCallback(output_dir),
             SkipReportCallback(skips, output_dir),
+            *callbacks,
             FingerprintCallback(fingerprint),  # last: it marks a checkpoint complete
         ],
     )
