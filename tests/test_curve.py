@@ -7,6 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
+from valign.train.__main__ import main
 from valign.train.curve import TARGETS, met_targets, run_curve, table
 from valign.train.demo import DemoSizes
 
@@ -56,3 +57,11 @@ def test_the_curve_snapshots_are_the_runs_states_and_count_its_samples(tmp_path)
     assert [p["samples"] for p in points] == [3 * 4 + 1 * 4, 3 * 4 + 3 * 4]  # three earlier stages of one step
     assert 0 < points[0]["minutes"] < points[1]["minutes"]
     assert all(p["vqa"]["model"]["n"] == 12 for p in points)
+
+
+@pytest.mark.parametrize("steps", ["0", "-3", "ten"])
+def test_the_curve_command_refuses_budgets_that_are_not_step_counts(steps, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["curve", "--steps", "28", steps])
+    assert exit_info.value.code == 2
+    assert f"{steps}: a number of optimizer steps, 1 or more" in capsys.readouterr().err

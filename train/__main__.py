@@ -32,6 +32,12 @@ from .fingerprint import refuse_to_replace
 from .run import run_recipe, run_stage
 
 
+def step_count(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value}: a number of optimizer steps, 1 or more")
+    return int(value)
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="python -m valign.train", description=__doc__.split("\n")[0])
     commands = root.add_subparsers(dest="command")
@@ -54,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
 
     curve = commands.add_parser("curve", help="the demo's VQA accuracy against training time")
     curve.add_argument("--output", type=Path, default=Path("outputs/curve"))
-    curve.add_argument("--steps", nargs="+", type=int, default=list(CURVE_STEPS), help="last-stage budgets")
+    curve.add_argument("--steps", nargs="+", type=step_count, default=list(CURVE_STEPS), help="last-stage budgets")
     curve.add_argument("--backbones", choices=BACKBONES, default="packaged")
 
     recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
