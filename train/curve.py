@@ -122,12 +122,19 @@ def run_curve(
     data = output / "data"
     make_demo_data(data, sizes)
     init = build_demo_init(output, sizes)
-    overrides = {**(overrides or {}), "*": {"seed": sizes.seed, **(overrides or {}).get("*", {})}}
+    overrides = sizes.stage_overrides(overrides)
     *earlier, last = [with_overrides(StageConfig.from_yaml(p), overrides) for p in recipe_stages(sizes.recipe)]
     if any(c.max_steps <= 0 for c in earlier):
         raise ValueError(f"recipe {sizes.recipe}: the stages before the last need max_steps (samples per point)")
     before = run_recipe(
-        sizes.recipe, init, output / "stages", data, overrides=overrides, skip=(last.name,), overwrite=True
+        sizes.recipe,
+        init,
+        output / "stages",
+        data,
+        base_models=sizes.base_models,
+        overrides=overrides,
+        skip=(last.name,),
+        overwrite=True,
     )
     previous = before[-1].folder if before else init
     snapshots = SnapshotCallback(sorted(steps), output / "snapshots", ValignProcessor.from_pretrained(previous))

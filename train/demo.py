@@ -82,6 +82,15 @@ class DemoSizes:
     def recipe(self) -> str:
         return "demo" if self.backbones == "packaged" else "tiny"
 
+    @property
+    def base_models(self) -> list[str]:
+        return PACKAGED_BASE_MODELS if self.backbones == "packaged" else []
+
+    def stage_overrides(self, overrides: dict[str, dict] | None = None) -> dict[str, dict]:
+        """`overrides` for `run_recipe` with this run's seed in every stage (an explicit "*" seed wins)."""
+        overrides = overrides or {}
+        return {**overrides, "*": {"seed": self.seed, **overrides.get("*", {})}}
+
 
 @dataclass
 class DemoResult:
@@ -229,15 +238,14 @@ def run_demo(
     if not (resume and (data / "vqa_train.parquet").exists()):
         make_demo_data(data, sizes)
     init = output / "init" if resume and (output / "init" / "config.json").exists() else build_demo_init(output, sizes)
-    overrides = overrides or {}
     stages = run_recipe(
         sizes.recipe,
         init,
         output / "stages",
         data,
         resume,
-        base_models=PACKAGED_BASE_MODELS if sizes.backbones == "packaged" else [],
-        overrides={**overrides, "*": {"seed": sizes.seed, **overrides.get("*", {})}},
+        base_models=sizes.base_models,
+        overrides=sizes.stage_overrides(overrides),
         skip=skip,
         overwrite=not resume,
     )

@@ -253,12 +253,12 @@ def run_stage(
     return StageResult(config.name, output_dir, *logged_losses(output_dir), skips.report(), seconds)
 
 
-def describe(config: StageConfig, samples: int) -> str:
+def describe(config: StageConfig, rows: int) -> str:
     """One line saying what a stage trains, on what, with which mask: printed above its progress bar."""
     rates = ", ".join(f"{module} {lr:g}" for module, lr in config.learning_rates.items())
     length = f"{config.max_steps} steps of {config.batch_size}" if config.max_steps > 0 else f"{config.epochs:g} epoch"
     masking = f", {config.text_mask_ratio:.0%} of answer tokens masked" if config.text_mask_ratio else ""
-    return f"{config.attn_mode or 'checkpoint'} mask{masking}; training {rates}; {length} from {samples} rows"
+    return f"{config.attn_mode or 'checkpoint'} mask{masking}; training {rates}; {length} from {rows} rows"
 
 
 def logged_losses(folder: Path) -> tuple[float | None, float | None]:
