@@ -28,7 +28,7 @@ import gradio as gr
 import torch
 
 import valign
-from valign.checkpoint import load_checkpoint
+from valign.checkpoint import load_checkpoint, save_checkpoint
 from valign.cli import default_model
 from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
 from valign.eval.generate import DecodingSettings, PromptTooLongError, generate_answers
@@ -54,8 +54,7 @@ def tiny_checkpoint(folder: Path = TINY_CHECKPOINT) -> Path:
     torch.manual_seed(0)
     vision, text = build_tiny_backbones(partial / "backbones")
     model, processor = valign.from_backbones(str(vision), str(text))
-    model.save_pretrained(partial)
-    processor.save_pretrained(partial)
+    save_checkpoint(model, processor, partial)
     partial.rename(folder)
     return folder
 

@@ -1,7 +1,9 @@
-"""Loading a valign checkpoint (local folder or Hub id): the one loader every command and the app use."""
+"""Saving and loading valign checkpoints: the one writer every training path uses and the one loader every command
+and the app use."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -9,6 +11,19 @@ import transformers
 
 from .modeling_valign import ValignForConditionalGeneration
 from .processing_valign import ValignProcessor
+
+# Saved beside the remote code in every checkpoint: Inference Endpoints serve a repository through its handler.py.
+ENDPOINT_HANDLER = Path(__file__).with_name("handler.py")
+
+
+def save_checkpoint(model: torch.nn.Module, processor: ValignProcessor, folder: str | Path) -> Path:
+    """A complete checkpoint in `folder`: weights, config, processor, remote code (`save_pretrained` copies the
+    three model files) and the endpoint handler."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    shutil.copyfile(ENDPOINT_HANDLER, folder / ENDPOINT_HANDLER.name)
+    return folder
 
 
 def native_bf16(device: str | torch.device = "cpu") -> bool:

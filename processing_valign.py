@@ -11,10 +11,15 @@ per sample and would claim an identity the model does not have. Pass a system me
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import os
 import re
+import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -59,10 +64,13 @@ WHITE = (255, 255, 255)
 
 
 def load_image(image: Any) -> Any:
-    """The one image decoder of valign: training, evaluation, the `valign` command and the app all read images here.
+    """The one image decoder of valign: training, evaluation, the `valign` command, the app, the pipeline and the
+    endpoint handler all read images here.
 
     A path, bytes or PIL image becomes an RGB PIL image: EXIF orientation applied (as transformers' `load_image`),
-    more than 8 bits per channel scaled to 8 (`wide_to_8bit`), transparency composited on white. Images over PIL's
+    more than 8 bits per channel scaled to 8 (`wide_to_8bit`), transparency composited on white. A string may also
+    be what transformers' processors take (chat messages carry these): an http(s) URL, fetched within
+    `URL_TIMEOUT_SECONDS` and `MAX_IMAGE_BYTES`, a `data:image/...;base64,` URI or bare base64. Images over PIL's
     `Image.MAX_IMAGE_PIXELS` (default 89,478,485 ≈ 9459², far beyond any encoder's input; set it to change the
     limit) are refused from their header, before decoding. Arrays and tensors pass through to the image processor
     once checked to be finite. Raises `ImageError` (a ValueError) naming the image and the reason.
@@ -70,16 +78,89 @@ def load_image(image: Any) -> Any:
     if not isinstance(image, (str, os.PathLike, bytes, bytearray, Image.Image)):
         check_finite(image)
         return image
-    name = str(image) if isinstance(image, (str, os.PathLike)) else f"<{type(image).__name__}>"
+    name = image_name(image)
     try:
         if isinstance(image, Image.Image):
             return to_rgb(image, name)
+        if isinstance(image, str):
+            image = string_image(image, name)
         with open_image(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image, name) as opened:
             return to_rgb(opened, name)
     except ImageError:
         raise
     except Exception as error:  # PIL raises many types on bad data (OSError, SyntaxError, struct.error, ...)
         raise ImageError(f"cannot read image {name}: {error}") from error
+
+
+# Images given by URL are fetched with these limits (module attributes: set them to change them). The size limit is
+# the app's upload limit; the timeout bounds the whole transfer, not each read.
+URL_TIMEOUT_SECONDS = 10.0
+MAX_IMAGE_BYTES = 20 * 1024 * 1024
+URL_PREFIXES = ("http://", "https://")
+
+
+def image_name(image: Any) -> str:
+    """How error messages name an image: a path or URL as given, inline data by its kind and length."""
+    if isinstance(image, os.PathLike) or (isinstance(image, str) and is_path_or_url(image)):
+        return str(image)
+    if isinstance(image, str):
+        kind = "data URI" if image.startswith("data:") else "base64 string"
+        return f"<{kind} of {len(image):,} characters>"
+    return f"<{type(image).__name__}>"
+
+
+def is_path_or_url(text: str) -> bool:
+    return text.startswith(URL_PREFIXES) or os.path.exists(text) or not is_base64(text)
+
+
+def is_base64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return True
+
+
+def string_image(text: str, name: str) -> str | bytes:
+    """A string image as transformers' processors read one: a URL's bytes, a data URI's or base64's decoded bytes,
+    else the string itself, a path (a path is never valid base64: its "." is not in the alphabet)."""
+    if text.startswith(URL_PREFIXES):
+        return fetch_image(text)
+    if text.startswith("data:"):
+        header, _, payload = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ImageError(f"image {name}: only base64 data URIs are read (data:image/...;base64,...)")
+        text = payload
+    elif os.path.exists(text) or not is_base64(text):
+        return text
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise ImageError(f"image {name} is not valid base64: {error}") from error
+
+
+def fetch_image(url: str) -> bytes:
+    """The bytes at `url`, refusing more than `MAX_IMAGE_BYTES` or longer than `URL_TIMEOUT_SECONDS` in all."""
+    deadline = time.monotonic() + URL_TIMEOUT_SECONDS
+    request = urllib.request.Request(url, headers={"User-Agent": "valign"})
+    too_large = f"image {url} is larger than {MAX_IMAGE_BYTES:,} bytes (processing_valign.MAX_IMAGE_BYTES)"
+    try:
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_SECONDS) as response:
+            if int(response.headers.get("Content-Length") or 0) > MAX_IMAGE_BYTES:
+                raise ImageError(too_large)
+            data = bytearray()
+            while chunk := response.read1(1 << 16):  # what has arrived: a slow drip still meets the deadline
+                data += chunk
+                if len(data) > MAX_IMAGE_BYTES:
+                    raise ImageError(too_large)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the transfer took too long")
+    except urllib.error.HTTPError as error:
+        raise ImageError(f"cannot fetch image {url}: HTTP {error.code} {error.reason}") from error
+    except (urllib.error.URLError, OSError) as error:  # refused, unknown host, timeouts (TimeoutError is an OSError)
+        reason = getattr(error, "reason", error)
+        raise ImageError(f"cannot fetch image {url} within {URL_TIMEOUT_SECONDS:g} s: {reason}") from error
+    return bytes(data)
 
 
 def open_image(source: Any, name: str) -> Image.Image:

@@ -9,6 +9,8 @@ holds:
   `license`, `tags`, `widget` examples and, when evaluation results exist, `model-index`;
 - usage with `AutoModelForImageTextToText` (transformers 4.57 and 5.x; `AutoModelForVision2Seq` is 4.x's older
   spelling) and the pipeline;
+- where the widget's examples run: a Space with valign's app (named in `spaces:` when one is given) and a dedicated
+  Inference Endpoint serving the checkpoint's `handler.py`;
 - the training stage and configuration the checkpoint came from, evaluation, limitations and the citation.
 
 The usage snippets are tested: tests/test_card.py runs them against a saved checkpoint in fresh processes.
@@ -88,13 +90,15 @@ def model_card(
     metrics: Mapping[str, Any] | None = None,
     tags: Sequence[str] = (),
     license: str = "apache-2.0",
+    space: str | None = None,
 ) -> str:
     """The README.md text of a valign checkpoint.
 
     `repo_id` (a placeholder when None) and `revision` (e.g. the stage's branch) fill the usage snippets. `stage`
     and `config` record where the checkpoint came from; `metrics` are plain numbers for the card's text (e.g. the
     final loss), `eval_results` also become the `model-index` metadata. Local paths among `base_models` and
-    `datasets` are named in the text only: the Hub's metadata takes Hub ids.
+    `datasets` are named in the text only: the Hub's metadata takes Hub ids. `space` is the id of a Space serving
+    valign's app with this model (`spaces:` metadata and the serving section).
     """
     repo_id = repo_id or DEFAULT_REPO_ID
     data = ModelCardData(
@@ -108,10 +112,12 @@ def model_card(
         tags=["valign", "vision-language", "conversational", *([stage] if stage else []), *tags],
         eval_results=list(eval_results) or None,
         widget=widget_examples(),
+        spaces=[space] if space else None,
     )
     sections = [
         _intro(title, summary, stage, base_models),
         _usage_section(repo_id, revision, (config or {}).get("attn_mode")),
+        _serving_section(repo_id, revision, space),
         _training_section(stage, config, datasets),
         _evaluation_section(eval_results, metrics),
         f"## Limitations\n\n{LIMITATIONS}",
@@ -131,6 +137,7 @@ def stage_model_card(
     *,
     repo_id: str | None = None,
     eval_results: Sequence[EvalResult] = (),
+    space: str | None = None,
 ) -> str:
     """README.md for one stage's checkpoint (see `model_card`); its usage pins the stage's branch.
 
@@ -145,6 +152,7 @@ def stage_model_card(
         datasets=datasets,
         metrics=metrics,
         eval_results=eval_results,
+        space=space,
     )
 
 
@@ -154,6 +162,7 @@ def merged_model_card(
     settings: Mapping[str, Any],
     eval_results: Sequence[EvalResult] = (),
     repo_id: str | None = None,
+    space: str | None = None,
 ) -> str:
     """README.md for a LoRA fine-tune merged into its base's weights."""
     return model_card(
@@ -169,6 +178,7 @@ def merged_model_card(
         datasets=[dataset],
         eval_results=eval_results,
         tags=["lora", "vqa"],
+        space=space,
     )
 
 
@@ -342,6 +352,35 @@ print(pipe(text=messages, max_new_tokens=40, return_full_text=False{pipe_mode})[
 
 From the command line, with the valign package installed: `valign caption photo.jpg --model {repo_id}` or
 `valign ask photo.jpg "{EXAMPLE_QUESTION}" --model {repo_id}`.
+"""
+
+
+def _serving_section(repo_id: str, revision: str | None, space: str | None) -> str:
+    pin = f" (branch `{revision}`)" if revision else ""
+    space_line = (
+        f"[{space}](https://huggingface.co/spaces/{space}) runs valign's app (`app.py`) with this model."
+        if space
+        else "a Space can run valign's app (`app.py` of the valign package, with the Space variable `VALIGN_MODEL` "
+        f"set to `{repo_id}`)."
+    )
+    question = widget_examples()[-1]["messages"]  # the request body of the widget's question example
+    request = json.dumps({"inputs": question, "parameters": {"max_new_tokens": 40}})
+    return f"""## Serving: where the widget's examples run
+
+The Hub's serverless inference (Inference Providers) does not run models with custom code, so the widget on this
+page answers only where a deployment of this repository serves it:
+
+- **Space**: {space_line}
+- **Dedicated Inference Endpoint**: `handler.py`{pin} is the custom handler that Inference Endpoints load
+  (`EndpointHandler`): create an endpoint from this repository and it is picked up (on a GPU it runs in bf16).
+  It takes the widget's chat messages as `inputs`, images as URLs (fetched with a timeout and a size limit), data
+  URIs or base64, and answers as `pipeline("image-text-to-text")` does; a bad request gets HTTP 400 with
+  `{{"error": ...}}`:
+
+```bash
+curl "$ENDPOINT_URL" -H "Authorization: Bearer $HF_TOKEN" -H "Content-Type: application/json" \\
+  -d '{request}'
+```
 """
 
 

@@ -14,6 +14,7 @@ from scripts.crossload import chat, shape_image  # noqa: F401  (re-exported for 
 from transformers import TrainerCallback
 
 import valign
+from valign.checkpoint import save_checkpoint
 from valign.train.backbones import build_tiny_backbones
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,10 +40,7 @@ def model_and_processor(backbones):
 @pytest.fixture(scope="session")
 def checkpoint(model_and_processor, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("checkpoint")
-    model, processor = model_and_processor
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_checkpoint(*model_and_processor, folder)
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import CURRENT_PYTHON, other_major_python, shape_image
 from huggingface_hub import ModelCard
+from image_server import image_server
 
 from valign.data.prompts import CAPTION_PROMPT
 from valign.eval.generate import DecodingSettings, generate_answers
@@ -104,8 +106,9 @@ def test_a_stage_folder_card_records_its_stage_and_no_results_means_no_model_ind
     assert "## Evaluation" not in card.text
 
 
-def usage_snippets(card_text: str, checkpoint: Path, image: Path) -> list[str]:
-    """The card's Python usage blocks, pointed at a local folder and a local image instead of the Hub."""
+def usage_snippets(card_text: str, checkpoint: Path, image_url: str) -> list[str]:
+    """The card's Python usage blocks, pointed at a local folder and an image served on 127.0.0.1 instead of the
+    Hub's."""
     usage = card_text.split("## Usage", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", usage, flags=re.DOTALL)
     assert len(blocks) == 2, "expected a model snippet and a pipeline snippet"
@@ -113,7 +116,7 @@ def usage_snippets(card_text: str, checkpoint: Path, image: Path) -> list[str]:
         assert f'"{REPO_ID}"' in block and f'"{EXAMPLE_IMAGE_URL}"' in block
     return [
         block.replace(f'"{REPO_ID}"', json.dumps(str(checkpoint))).replace(
-            f'"{EXAMPLE_IMAGE_URL}"', json.dumps(str(image))
+            f'"{EXAMPLE_IMAGE_URL}"', json.dumps(image_url)
         )
         for block in blocks
     ]
@@ -132,6 +135,15 @@ print(json.dumps(printed))
 
 
 @pytest.fixture(scope="module")
+def image_url() -> str:
+    """The red shape as a PNG (lossless: the snippets see the reference's pixels) served on 127.0.0.1."""
+    image = io.BytesIO()
+    shape_image("red").save(image, "PNG")
+    with image_server(image.getvalue()) as server:
+        yield f"{server}/shape.png"
+
+
+@pytest.fixture(scope="module")
 def bidirectional_checkpoint(checkpoint: Path, tmp_path_factory) -> Path:
     """The session checkpoint as an alignment stage (stage 0) saves it: `attn_mode` bidirectional."""
     folder = tmp_path_factory.mktemp("stage-0")
@@ -145,16 +157,14 @@ def bidirectional_checkpoint(checkpoint: Path, tmp_path_factory) -> Path:
 # decode with the hybrid mask (the same answers as the hybrid checkpoint with the same weights).
 @pytest.mark.parametrize("stage", ["stage-3", "stage-0"])
 def test_usage_snippets_run_in_fresh_processes(
-    stage: str, request: pytest.FixtureRequest, model_and_processor, tmp_path: Path
+    stage: str, request: pytest.FixtureRequest, model_and_processor, image_url: str, tmp_path: Path
 ) -> None:
-    image = tmp_path / "shape.png"
-    shape_image("red").save(image)
     config = {"name": stage, "attn_mode": "bidirectional"} if stage == "stage-0" else {}
     checkpoint = request.getfixturevalue("bidirectional_checkpoint" if stage == "stage-0" else "checkpoint")
     # A stage card pins revision="stage-N": loading a local folder must still work.
     card = stage_model_card(stage, config, [], BASE_MODELS, repo_id=REPO_ID)
     files = []
-    for index, snippet in enumerate(usage_snippets(card, checkpoint, image)):
+    for index, snippet in enumerate(usage_snippets(card, checkpoint, image_url)):
         files.append(tmp_path / f"snippet{index}.py")
         files[-1].write_text(snippet)
     model_snippet, pipeline_snippet = map(str, files)
@@ -184,6 +194,19 @@ def test_usage_snippets_run_in_fresh_processes(
     )
     assert caption and answer  # the tiny model says something, so the comparisons below are informative
     assert printed == {"transformers 5": [caption, answer], "transformers 4.57": [caption]}
+
+
+def test_the_card_says_where_its_widget_runs_and_names_a_space_given_at_push_time() -> None:
+    plain = ModelCard(stage_model_card("stage-3", {}, [], BASE_MODELS, repo_id=REPO_ID))
+    named = ModelCard(stage_model_card("stage-3", {}, [], BASE_MODELS, repo_id=REPO_ID, space="user/valign-demo"))
+    assert "spaces" not in plain.data.to_dict() and named.data.to_dict()["spaces"] == ["user/valign-demo"]
+    assert "[user/valign-demo](https://huggingface.co/spaces/user/valign-demo)" in named.text
+    assert f"`VALIGN_MODEL` set to `{REPO_ID}`" in plain.text  # without a Space: how to make one
+    serving = named.text.split("## Serving", 1)[1].split("\n## ", 1)[0]
+    assert "does not run models with custom code" in serving and "`handler.py` (branch `stage-3`)" in serving
+    # The curl example's body is the card's own question example, as the handler takes it.
+    body = json.loads(re.search(r"-d '(.*)'", serving).group(1))
+    assert body["inputs"] == named.data.to_dict()["widget"][-1]["messages"]
 
 
 @pytest.mark.parametrize("part", ["captions", "vqa"])

@@ -16,6 +16,7 @@ MODEL_FILES = ("configuration_valign", "modeling_valign", "processing_valign")
 # exports the model and `from_backbones` (train.assembly); cli and app sit on top.
 ALLOWED = {
     "model": set(),
+    "handler": set(),  # served beside the remote code, loaded by file path: it can import no valign module
     "checkpoint": {"model"},
     "data": {"model"},
     "eval": {"data", "checkpoint", "model"},
@@ -113,6 +114,9 @@ def test_the_remote_code_needs_only_torch_and_transformers():
     assert third_party_imports(REPO / "configuration_valign.py") <= {"torch", "transformers"}
     # The processor also needs what transformers itself installs for images (numpy, Pillow).
     assert third_party_imports(REPO / "processing_valign.py") <= {"torch", "transformers", "numpy", "PIL"}
+    # The endpoint handler runs where only the checkpoint's files are: no valign module, nothing else to install.
+    assert third_party_imports(REPO / "handler.py") == {"torch", "transformers"}
+    assert get_relative_imports(str(REPO / "handler.py")) == []
 
 
 def test_the_command_line_does_not_import_datasets():

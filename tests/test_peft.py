@@ -256,6 +256,8 @@ def test_merged_folder_reproduces_the_adapter_and_loads_with_auto_classes_in_a_f
     torch.testing.assert_close(saved.reloaded_merged_logits, saved.merged_logits, rtol=1e-5, atol=1e-5)
     files = {path.name for path in saved.merged.iterdir()}
     assert REMOTE_CODE | PROCESSOR_FILES | {"config.json", "model.safetensors"} <= files
+    # A merged checkpoint is served like a stage's: by the endpoint handler valign ships (tests/test_handler.py).
+    assert (saved.merged / "handler.py").read_bytes() == (REPO / "handler.py").read_bytes()
     keys = load_file(saved.merged / "model.safetensors").keys()
     assert not any("lora_" in k or "base_layer" in k or "modules_to_save" in k for k in keys)
 

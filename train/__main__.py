@@ -6,7 +6,7 @@
     python -m valign.train ablations [--output DIR] [--arms ARM ...] [--seeds 0 1 2] [--backbones tiny]
     python -m valign.train recipe paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
-        [--data-root DIR] [--resume | --overwrite] [--push-to-hub USER/REPO] [--max-steps N]
+        [--data-root DIR] [--resume | --overwrite] [--push-to-hub USER/REPO [--space USER/SPACE]] [--max-steps N]
     python -m valign.train stage train/recipes/paper/stage1.yaml --init runs/paper/stage-0 --output runs/paper/stage-1
 
 An --output that already holds a run is refused unless --resume continues it (only the very run that wrote it: same
@@ -79,6 +79,7 @@ def parser() -> argparse.ArgumentParser:
     recipe.add_argument("--text", default="Qwen/Qwen2.5-0.5B-Instruct")
     recipe.add_argument("--gguf-file", help="load the language model from this GGUF file inside --text")
     recipe.add_argument("--push-to-hub", metavar="REPO", help="push stage N to branch stage-N, the last to main")
+    recipe.add_argument("--space", metavar="USER/SPACE", help="Space serving the app (named in cards)")
     return root
 
 
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         base_models=[args.vision, args.text],
         overrides=overrides,
         overwrite=args.overwrite,
+        space=args.space,
     )
 
 

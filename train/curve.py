@@ -20,7 +20,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..processing_valign import ValignProcessor
 from .config import StageConfig
 from .demo import DemoSizes, build_demo_init, evaluate_demo_vqa, make_demo_data
@@ -44,9 +44,7 @@ class SnapshotCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps and state.is_world_process_zero:
             self.seconds[state.global_step] = time.perf_counter() - self.start
-            folder = snapshot_folder(self.folder, state.global_step)
-            model.save_pretrained(folder)
-            self.processor.save_pretrained(folder)
+            save_checkpoint(model, self.processor, snapshot_folder(self.folder, state.global_step))
 
 
 def snapshot_folder(folder: Path, step: int) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.prompts import CAPTION_PROMPT, VQA_INSTRUCTION
 from ..data.synthetic import load_easy_vqa, make_caption_dataset, make_caption_eval_set, write_parquet
 from ..eval.captions import evaluate_captions
@@ -155,9 +155,7 @@ def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
     else:
         vision, text = packaged_demo_backbones(folder / "backbones")
         model, processor = from_backbones(str(vision), str(text), pixel_shuffle_factor=PACKAGED_PIXEL_SHUFFLE)
-    model.save_pretrained(folder / "init")
-    processor.save_pretrained(folder / "init")
-    return folder / "init"
+    return save_checkpoint(model, processor, folder / "init")
 
 
 def evaluate_demo_vqa(model, processor, sizes: DemoSizes) -> dict:

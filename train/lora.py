@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from ..checkpoint import save_checkpoint
 from ..hub.push import checkpoint_files
 from .config import ATTENTION_PROJECTIONS, LoraSettings
 
@@ -85,7 +86,6 @@ def save_merged(model: PeftModel, processor, folder: str | Path) -> PreTrainedMo
     """
     folder = Path(folder)
     merged = model.merge_and_unload()
-    merged.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    save_checkpoint(merged, processor, folder)
     checkpoint_files(folder)  # raises if config, weights, remote code or processor files are missing
     return merged

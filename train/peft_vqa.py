@@ -1,8 +1,9 @@
 """LoRA fine-tuning of a valign checkpoint on VQA data in the PathVQA schema (``image``, ``question``, ``answer``).
 
     python -m valign.train.peft_vqa --model USER/valign --data flaviagiammarino/path-vqa --output runs/pathvqa-lora \\
-        [--merge] [--push-to-hub USER/valign-pathvqa-lora] [--epochs 1 --batch-size 8 --lr 2e-4 --lora-r 16 \\
-        --lora-alpha 32 --max-steps -1 --limit N] [--eval-split validation --eval-limit 500]
+        [--merge] [--push-to-hub USER/valign-pathvqa-lora [--space USER/SPACE]] \\
+        [--epochs 1 --batch-size 8 --lr 2e-4 --lora-r 16 --lora-alpha 32 --max-steps -1 --limit N] \\
+        [--eval-split validation --eval-limit 500]
 
 The stage is the recipe `train/recipes/pathvqa` (a stage file with a `lora:` section, run by `run_stage`); the flags
 override its fields. `--data easy-vqa` trains on the offline easy-VQA stand-in (splits train/test). The output folder
@@ -44,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
     choice.add_argument("--overwrite", action="store_true", help="delete the run in --output and start afresh")
     cli.add_argument("--merge", action="store_true", help="also save a merged checkpoint to OUTPUT/merged")
     cli.add_argument("--push-to-hub", metavar="REPO", help="push the merged folder (with --merge) or the adapter")
+    cli.add_argument("--space", metavar="USER/SPACE", help="Space serving the app (named in cards)")
     cli.add_argument("--epochs", type=float, default=1.0)
     cli.add_argument("--max-steps", type=int, default=-1)
     cli.add_argument("--batch-size", type=int, default=8)
@@ -111,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         eval_results = eval_results_from_json({"vqa": scores}, vqa=Benchmark(data, data, args.eval_split))
 
     if args.merge:
-        card = merged_model_card(args.model, data, config.to_dict(), eval_results, repo_id=args.push_to_hub)
+        card = merged_model_card(
+            args.model, data, config.to_dict(), eval_results, repo_id=args.push_to_hub, space=args.space
+        )
         (args.output / "merged" / "README.md").write_text(card, encoding="utf-8")
         print(f"merged checkpoint saved to {args.output / 'merged'}")
     if args.push_to_hub:

@@ -19,7 +19,7 @@ import transformers
 from torch.utils.data import ConcatDataset
 from transformers import TrainerCallback, TrainingArguments
 
-from ..checkpoint import load_checkpoint, native_bf16
+from ..checkpoint import load_checkpoint, native_bf16, save_checkpoint
 from ..configuration_valign import checkpointing_arguments
 from ..data.adapters import build_dataset
 from ..data.skips import SkipCounter
@@ -240,8 +240,7 @@ def run_stage(
     trainer.train(resume_from_checkpoint=checkpoint)
 
     if is_main_process():
-        model.save_pretrained(output_dir)
-        processor.save_pretrained(output_dir)
+        save_checkpoint(model, processor, output_dir)
         (output_dir / STAGE_RECORD).write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         print(f"{config.name} ({output_dir / SkipReportCallback.FILE}): {skips.report()}")
         if config.lora is not None and config.lora.merge:
@@ -296,11 +295,13 @@ def run_recipe(
     overrides: dict[str, dict] | None = None,
     skip: tuple[str, ...] = (),
     overwrite: bool = False,
+    space: str | None = None,
 ) -> list[StageResult]:
     """Run every stage of `recipe`, each from the previous one's output; with `resume`, finished stages of this
     same run are kept and an interrupted one continues from its last complete checkpoint. Without `resume`, stage
     folders holding a run are refused before anything trains, or with `overwrite` replaced. `push_to_hub` pushes
-    stage N to branch `stage-N` and the last stage to `main` as well.
+    stage N to branch `stage-N` and the last stage to `main` as well; `space` (a Space serving valign's app with
+    the model) is named in every stage's card.
 
     `overrides` maps a stage name (or "*", every stage) to field values replacing the file's; stages named in
     `skip` are left out (for ablations)."""
@@ -323,7 +324,12 @@ def run_recipe(
             results.append(run_stage(config, previous, folder, data_root, resume, overwrite=overwrite))
         if is_main_process():
             card = stage_model_card(
-                config.name, config.to_dict(), [d.source for d in config.data], base_models or [], repo_id=push_to_hub
+                config.name,
+                config.to_dict(),
+                [d.source for d in config.data],
+                base_models or [],
+                repo_id=push_to_hub,
+                space=space,
             )
             (folder / "README.md").write_text(card)
             if push_to_hub:
