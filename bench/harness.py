@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import gc
 import os
+import re
 import statistics
 import threading
 import time
@@ -125,3 +126,17 @@ def cpu_supports_bf16() -> bool:
 
 def cpuinfo() -> list[str]:
     return Path("/proc/cpuinfo").read_text().splitlines()
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def replace_section(text: str, name: str, path: Path = BENCHMARKS) -> None:
+    """Replace the measured section `name` of BENCHMARKS.md (between `<!-- name:start -->` and `<!-- name:end -->`),
+    keeping the hand-written text around it; a missing section is appended."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text}\n{end}"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if start not in current:
+        current = f"{current.rstrip()}\n\n{start}\n{end}\n"
+    path.write_text(re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, current, flags=re.S))

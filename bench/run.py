@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import re
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from harness import (
     median_time,
     peak_memory,
     release_memory,
+    replace_section,
     synchronize,
     timed,
 )
@@ -53,7 +53,6 @@ from valign.train.collator import ConversationCollator
 from valign.train.demo import DemoSizes, demo_corpus
 
 REPO = Path(__file__).resolve().parent.parent
-START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 @dataclass
@@ -456,13 +455,6 @@ def report(results: list[dict], matmul: dict[torch.dtype, float]) -> str:
     return "\n".join(header + [report_shape(r, matmul) + "\n" for r in results]).rstrip()
 
 
-def write_benchmarks(text: str, path: Path) -> None:
-    """Replace the measured section of BENCHMARKS.md, keeping the hand-written text around it."""
-    block = f"{START}\n{text}\n{END}"
-    current = path.read_text() if path.exists() else f"# Benchmarks\n\n{START}\n{END}\n"
-    path.write_text(re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, current, flags=re.S))
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=["small", "paper"], default=["small", "paper"])
@@ -476,7 +468,7 @@ def main(argv: list[str] | None = None) -> None:
     results = [bench_shape(shape, tokenizer) for shape in selected]
     text = report(results, matmul)
     print("\n" + text)
-    write_benchmarks(text, args.output)
+    replace_section(text, "bench", args.output)
     print(f"\nwritten to {args.output}", file=sys.stderr)
 
 

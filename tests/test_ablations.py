@@ -1,12 +1,17 @@
-"""The ablation arms compare like with like: every arm trains the same number of optimizer steps."""
+"""The ablation arms compare like with like (every arm trains the same number of optimizer steps), and a run
+interrupted after some arms continues where it stopped."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from valign.train import ablations
 from valign.train.ablations import ARMS, Arm, arm_overrides
 from valign.train.config import StageConfig
-from valign.train.run import recipe_stages, with_overrides
+from valign.train.demo import DemoResult
+from valign.train.run import StageResult, recipe_stages, with_overrides
 
 
 def steps_trained(recipe: str, arm: Arm) -> dict[str, int]:
@@ -42,3 +47,29 @@ def test_skipping_a_stage_without_max_steps_is_refused(tmp_path):
         )
     with pytest.raises(ValueError, match="need max_steps"):
         arm_overrides(Arm("x", skip=("stage-0",)), str(tmp_path))
+
+
+def test_a_finished_run_is_kept_and_any_other_run_is_trained(tmp_path, monkeypatch):
+    """`run.json` marks a finished run: the same arm, seed and recipe is read back with its own time; another seed,
+    or a run that stopped before its record was written, trains."""
+    trained = []
+
+    def fake_run_demo(output, sizes, resume, overrides, skip):  # what run_demo writes, without the training
+        trained.append(sizes.seed)
+        stage = StageResult("stage-3", output / "stages" / "stage-3", 2.0, 1.0 + sizes.seed, "0 skipped", 5.0)
+        result = DemoResult([stage], {"scores": {"CIDEr": 0.3}}, {"model": {"accuracy": 0.6 + sizes.seed / 100}}, sizes)
+        output.mkdir(parents=True, exist_ok=True)
+        saved = {"stages": [vars(stage) | {"folder": str(stage.folder)}], "captions": result.captions}
+        (output / "results.json").write_text(json.dumps({**saved, "vqa": result.vqa, "sizes": vars(sizes)}))
+        return result
+
+    monkeypatch.setattr(ablations, "run_demo", fake_run_demo)
+    arm = ARMS["causal"]
+    first, seconds = ablations.run_arm(tmp_path, arm, 0, "tiny")
+    kept, kept_seconds = ablations.run_arm(tmp_path, arm, 0, "tiny")
+    assert trained == [0] and kept == first and kept_seconds == seconds  # read back, with the first run's time
+    other, _ = ablations.run_arm(tmp_path, arm, 1, "tiny")
+    assert trained == [0, 1] and other.vqa["model"]["accuracy"] == 0.61
+    (tmp_path / ablations.RUN_RECORD).unlink()  # as after a kill between the results and the record
+    ablations.run_arm(tmp_path, arm, 1, "tiny")
+    assert trained == [0, 1, 1]

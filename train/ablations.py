@@ -7,16 +7,22 @@ instead of recap captions. A seed sets the projector's initialisation and every 
 `ablations.md` (mean ± standard deviation over seeds and the per-seed figures), `ablations.json` and
 `ablation_losses.png` (training loss of every arm and seed, stage after stage).
 
+A finished run (arm, seed) is recorded in its folder (`run.json`: what was run and how long it took) and kept when
+the command is run again with the same arm, seed, backbones and recipe, so a run interrupted after some arms (the
+whole takes about two hours on 2 cores) continues where it stopped; the table's times are each run's own.
+
     python -m valign.train ablations [--output outputs/ablations] [--seeds 0 1 2] [--arms paper causal]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .config import StageConfig
 from .demo import DemoResult, DemoSizes, run_demo
@@ -70,10 +76,31 @@ def arm_overrides(arm: Arm, recipe: str) -> dict[str, dict]:
 
 
 def run_arm(output: Path, arm: Arm, seed: int, backbones: str) -> tuple[DemoResult, float]:
-    start = time.perf_counter()
+    """The run's result and wall time: measured now, or read back when `output` holds this very run, finished."""
     sizes = DemoSizes(backbones=backbones, caption_style=arm.caption_style, seed=seed)
+    identity = run_identity(arm, sizes)
+    record = output / RUN_RECORD
+    if record.is_file() and (output / "results.json").is_file():
+        saved = json.loads(record.read_text(encoding="utf-8"))
+        if saved["identity"] == identity:
+            print(f"{output}: finished earlier in {saved['seconds'] / 60:.1f} minutes, kept")
+            return DemoResult.from_json(output / "results.json"), saved["seconds"]
+    record.unlink(missing_ok=True)  # written again only once this run has finished
+    start = time.perf_counter()
     result = run_demo(output, sizes, resume=True, overrides=arm_overrides(arm, sizes.recipe), skip=arm.skip)
-    return result, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    record.write_text(json.dumps({"identity": identity, "seconds": seconds}, indent=2) + "\n", encoding="utf-8")
+    return result, seconds
+
+
+RUN_RECORD = "run.json"
+
+
+def run_identity(arm: Arm, sizes: DemoSizes) -> dict[str, Any]:
+    """What makes two runs the same: the arm, the demo's sizes (seed included) and the recipe's stage files."""
+    stages = [StageConfig.from_yaml(path).to_dict() for path in recipe_stages(sizes.recipe)]
+    identity = {"arm": dataclasses.asdict(arm), "sizes": vars(sizes), "stages": stages}
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json (tuples become lists)
 
 
 def mean_sd(values: list[float]) -> str:
@@ -130,7 +157,11 @@ def run_ablations(
         key: {seed: run_arm(output / key / f"seed-{seed}", ARMS[key], seed, backbones) for seed in seeds}
         for key in arms or list(ARMS)
     }
-    text = table(results) + f"\n\nWhole run: {(time.perf_counter() - start) / 60:.1f} minutes."
+    total = sum(seconds for runs in results.values() for _, seconds in runs.values())
+    text = table(results) + (
+        f"\n\nWhole run: {total / 60:.1f} minutes, the sum of the runs' own times (this invocation: "
+        f"{(time.perf_counter() - start) / 60:.1f} minutes; kept runs were finished by an earlier one)."
+    )
     (output / "ablations.md").write_text(text + "\n")
     summary = {
         key: {

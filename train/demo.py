@@ -99,6 +99,13 @@ class DemoResult:
     vqa: dict[str, Any]
     sizes: DemoSizes = field(default_factory=DemoSizes)
 
+    @classmethod
+    def from_json(cls, path: Path) -> DemoResult:
+        """The result `run_demo` wrote to `path` (results.json)."""
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        stages = [StageResult(**{**stage, "folder": Path(stage["folder"])}) for stage in saved["stages"]]
+        return cls(stages, saved["captions"], saved["vqa"], DemoSizes(**saved["sizes"]))
+
 
 def make_demo_data(folder: Path, sizes: DemoSizes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
