@@ -148,12 +148,16 @@ def check_parameters(parameters: Any) -> dict[str, Any]:
     if unknown:
         raise RequestError(f"unknown parameters {unknown}; accepted: {sorted(kinds)}")
     for name, value in parameters.items():
-        kind = kinds[name]
-        # JSON has one number type: an integral float is fine for a float; bool is an int in Python, refused here.
-        valid = isinstance(value, bool) if kind is bool else isinstance(value, (int, float) if kind is float else int)
-        if not valid or (kind is not bool and isinstance(value, bool)):
-            raise RequestError(f"parameter {name} must be {kind.__name__}, got {value!r}")
+        if not has_type(value, kinds[name]):
+            raise RequestError(f"parameter {name} must be {kinds[name].__name__}, got {value!r}")
     tokens = parameters.get("max_new_tokens")
     if tokens is not None and not 1 <= tokens <= MAX_NEW_TOKENS_LIMIT:
         raise RequestError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {tokens}")
     return parameters
+
+
+def has_type(value: Any, kind: type) -> bool:
+    """JSON's view of types: an integer is a valid float; a boolean is no number (though Python's bool is an int)."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)

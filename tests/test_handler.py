@@ -4,9 +4,11 @@ the processor: the card's own widget examples answered as the pipeline answers t
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -164,3 +166,34 @@ def test_the_handler_answers_the_cards_widget_examples_as_the_pipeline_on_both_m
             assert error is not None and error[:2] == ["RequestError", True] and expected in error[2], (name, error)
         assert results["after_errors"] == results["handler"][0], name  # the handler kept serving
         assert results["threads"] == results["handler"] * 2, name  # one shared model, the same answers
+
+
+def handler_module():
+    """handler.py imported from its file, as Inference Endpoints import it (no package around it)."""
+    spec = importlib.util.spec_from_file_location("endpoint_handler", REPO / "handler.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("parameters", "refusal"),
+    [
+        ({"temperature": 1, "top_p": 0.9, "do_sample": True, "return_full_text": False}, None),  # 1 is a JSON float
+        ({"do_sample": 1}, "do_sample must be bool"),
+        ({"max_new_tokens": True}, "max_new_tokens must be int"),  # a bool is no count, though Python says int
+        ({"top_k": 2.5}, "top_k must be int"),
+        ({"max_new_tokens": 0}, "between 1 and 1024"),
+        ([1, 2], '"parameters" must be an object'),
+    ],
+)
+def test_request_parameters_are_checked_with_jsons_types(parameters, refusal: str | None) -> None:
+    module = handler_module()
+    chunks = [{"type": "image", "url": "http://x/a.png"}, {"type": "text", "text": "?"}]
+    messages = [{"role": "user", "content": chunks}]
+    request = {"inputs": messages, "parameters": parameters}
+    if refusal is None:
+        assert module.parse_request(request) == (messages, parameters)
+    else:
+        with pytest.raises(module.RequestError, match=re.escape(refusal)):
+            module.parse_request(request)
