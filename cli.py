@@ -2,7 +2,11 @@
 
     valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
     valign ask IMAGE "QUESTION" [--no-instruction] [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
-    (both: [--revision REV] [--trust-remote-code])
+    (both: [--revision REV] [--trust-remote-code] [--runtime torch|onnx])
+    valign export CHECKPOINT FOLDER [--weights fp32|int8|int4] [--revision REV]
+
+`export` writes the model as ONNX graphs run by onnxruntime (`export/onnx_runtime.py`); `--runtime onnx` with
+`--model` naming such a folder captions and answers through them (greedy decoding only).
 
 `ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
 `--no-instruction` sends the question alone.
@@ -47,6 +51,7 @@ from tqdm.auto import tqdm
 from .checkpoint import is_local, load_checkpoint
 from .data.prompts import CAPTION_PROMPT, vqa_prompt
 from .eval.generate import DecodingSettings, PromptTooLongError, generate_answers
+from .export.onnx_runtime import OnnxValign, export_onnx
 from .processing_valign import load_image
 
 DEMO_CHECKPOINT = Path("outputs") / "demo" / "stages" / "stage-3"
@@ -121,6 +126,12 @@ def parser() -> argparse.ArgumentParser:
     )
     for command in (caption, ask):
         command.add_argument(
+            "--runtime",
+            choices=("torch", "onnx"),
+            default="torch",
+            help="onnx: --model is a folder written by `valign export`, run by onnxruntime",
+        )
+        command.add_argument(
             "--model", help=f"checkpoint folder or Hub repo id (default: ${MODEL_VARIABLE}, else {DEMO_CHECKPOINT})"
         )
         command.add_argument("--revision", help="Hub branch, tag or commit")
@@ -132,13 +143,19 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--batch-size", type=int, default=8)
         command.add_argument("--max-new-tokens", type=int, default=40)
         command.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    export = commands.add_parser("export", help="write a checkpoint as ONNX graphs for onnxruntime")
+    export.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
+    export.add_argument("folder", type=Path, help="where the graphs, config and processor go")
+    export.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32", help="matrix weights")
+    export.add_argument("--revision", help="Hub branch, tag or commit")
+    export.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return answer_images(args)
+        return export_model(args) if args.command == "export" else answer_images(args)
     except (UsageError, PromptTooLongError) as error:
         return failure(args, EXIT_USAGE, str(error))
     except Exception as error:  # a crash: reported once, with its own status, after any answers already printed
@@ -160,9 +177,23 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UsageError(str(error)) from error
     kind = "local folder" if is_local(name) else "Hub repo id"
     try:
+        if args.runtime == "onnx":
+            model = OnnxValign(name)
+            return model, model.processor()
         return load_checkpoint(name, args.revision, device="auto", trust_remote_code=args.trust_remote_code)
     except Exception as error:  # missing folder, unknown repo, not a valign checkpoint, broken weights
         raise UsageError(f"cannot load the model {name} ({kind}): {error}") from error
+
+
+def export_model(args: argparse.Namespace) -> int:
+    transformers.logging.set_verbosity_error()
+    try:
+        folder = export_onnx(args.checkpoint, args.folder, weights=args.weights, revision=args.revision)
+    except (OSError, ValueError) as error:  # missing or broken checkpoint, unknown repo
+        raise UsageError(f"cannot export {args.checkpoint}: {error}") from error
+    message = f"wrote {args.weights} ONNX graphs of {args.checkpoint} to {folder}"
+    print(json.dumps({"folder": str(folder), "weights": args.weights}) if args.json else message, flush=True)
+    return 0
 
 
 def answer_images(args: argparse.Namespace) -> int:

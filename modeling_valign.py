@@ -116,6 +116,21 @@ def packed_document_ids(
     return document_ids_of(position_ids)
 
 
+def check_pixel_values(pixel_values: torch.Tensor, config: ValignConfig) -> None:
+    """Refuse pixel values of the wrong shape, or holding NaN / Inf (every logit would be NaN without a word)."""
+    vision = config.vision_config
+    expected = (getattr(vision, "num_channels", 3), config.image_size, config.image_size)
+    if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+        raise ValueError(
+            f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
+            f"got {tuple(pixel_values.shape)}; preprocess images with the ValignProcessor"
+        )
+    # A traced graph (torch.export, torch.compile) cannot branch on values: its runner checks before running it.
+    # One float32 sum per prefill (isfinite().all() costs ~15x more on CPU); it cannot overflow for pixel values.
+    if not torch.compiler.is_compiling() and not torch.isfinite(pixel_values.sum(dtype=torch.float32)):
+        raise ValueError("pixel_values hold NaN or infinite values")
+
+
 def pixel_shuffle(patches: torch.Tensor, factor: int) -> torch.Tensor:
     """Space-to-depth on a square patch grid, as Idefics3, SmolVLM and nanoVLM compress image tokens.
 
@@ -238,7 +253,7 @@ class ValignModel(ValignPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Project images `(n, channels, size, size)` to language-model embeddings `(n, image_seq_length, width)`."""
-        self._check_pixel_values(pixel_values)
+        check_pixel_values(pixel_values, self.config)
         layer = self.config.vision_feature_layer
         dtype = self.multi_modal_projector.linear_1.weight.dtype
         pixel_values = pixel_values.to(dtype)
@@ -257,19 +272,6 @@ class ValignModel(ValignPreTrainedModel):
         if "interpolate_pos_encoding" in inspect.signature(self.vision_tower.forward).parameters:
             return {"interpolate_pos_encoding": True}
         return {}
-
-    def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        vision = self.config.vision_config
-        expected = (getattr(vision, "num_channels", 3), self.config.image_size, self.config.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), "
-                f"got {tuple(pixel_values.shape)}; preprocess images with the ValignProcessor"
-            )
-        # NaN / Inf would make every logit NaN without a word. One float32 sum per prefill (isfinite().all() costs
-        # ~15x more on CPU); it cannot overflow for pixel values, and the image-token count already syncs a GPU.
-        if not torch.isfinite(pixel_values.sum(dtype=torch.float32)):
-            raise ValueError("pixel_values hold NaN or infinite values")
 
     def _image_token_mask(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor) -> torch.Tensor:
         if input_ids is not None:

@@ -104,11 +104,26 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_flops_per_second(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """The machine's dense matmul rate in `dtype`: what a training step could reach at best."""
-    a = torch.randn(size, size, device=device(), dtype=dtype)
-    b = torch.randn(size, size, device=device(), dtype=dtype)
-    return 2 * size**3 / median_time(lambda: a @ b, repeats, warmup=2)
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """The fastest of `repeats` warm calls. A machine limit is what its quietest moment shows: on a shared machine
+    one reading can be 3x low, and a median of a few still carries the noise into every ratio built on it."""
+    for _ in range(warmup):
+        fn()
+    return min(timed(fn) for _ in range(repeats))
+
+
+def matmul_flops_per_second(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """The machine's dense matmul rate in `dtype` (warm, best of `repeats`): what a step could reach at best."""
+    a, b = (torch.randn(size, size, device=device(), dtype=dtype) for _ in range(2))
+    return 2 * size**3 / best_time(lambda: a @ b, repeats)
+
+
+def weight_stream_rate(dtype: torch.dtype, rows: int = 8192, cols: int = 8192, repeats: int = 10) -> float:
+    """Bytes/s of weights a warm matrix–vector product reads (a matrix far larger than the CPU's caches): what
+    bounds a decode step, which reads every weight once for one token."""
+    weight = torch.randn(rows, cols, device=device(), dtype=dtype)
+    vector = torch.randn(cols, device=device(), dtype=dtype)
+    return weight.numel() * weight.element_size() / best_time(lambda: weight @ vector, repeats)
 
 
 def machine_description() -> str:

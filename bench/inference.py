@@ -6,10 +6,11 @@ decode step, which must read the language model's weights once (its decoder laye
 reads one row per token). Every figure is reported beside its floor and as time / floor (1.0× = at the limit).
 
 The model is valign's default shape (SigLIP so400m-patch14-224 + Qwen2.5-0.5B) with random weights, prompted with
-256 image tokens + 15 text tokens and made to generate exactly `--new-tokens` tokens greedily. Results replace the
-inference section of BENCHMARKS.md.
+256 image tokens + 15 text tokens and made to generate exactly `--new-tokens` tokens greedily: PyTorch eager (fp32,
+and bf16 where the hardware computes it), then the model exported to ONNX (fp32, and its int8 / int4 weight-only
+variants) run by onnxruntime. Results replace the inference section of BENCHMARKS.md.
 
-    .venv/bin/python bench/inference.py [--batches 1 8] [--new-tokens 20] [--repeats 3]
+    .venv/bin/python bench/inference.py [--batches 1 8] [--new-tokens 20] [--repeats 3] [--onnx fp32 int8 int4]
 """
 
 from __future__ import annotations
@@ -17,45 +18,33 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
+import onnxruntime
 import torch
 import transformers
-from harness import count_flops, cpu_supports_bf16, device, machine_description, replace_section, synchronize
+from harness import (
+    count_flops,
+    cpu_supports_bf16,
+    device,
+    machine_description,
+    matmul_flops_per_second,
+    median_time,
+    replace_section,
+    synchronize,
+    weight_stream_rate,
+)
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
+from valign.export.onnx_runtime import DECODER_FILE, OnnxValign, export_model, quantize_export
 
 TEXT_TOKENS = 15  # the prompt around the image: a chat turn asking for a caption
-
-
-def best_time(fn, repeats: int, warmup: int = 2) -> float:
-    """The fastest of `repeats` warm calls: a machine limit is what the quietest moment shows."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a warm dense size² matmul in `dtype`."""
-    a, b = (torch.randn(size, size, device=device(), dtype=dtype) for _ in range(2))
-    return 2 * size**3 / best_time(lambda: a @ b, repeats)
-
-
-def weight_stream_rate(dtype: torch.dtype, rows: int = 8192, cols: int = 8192, repeats: int = 10) -> float:
-    """Bytes/s of weights a warm matrix–vector product reads (a matrix far larger than the CPU's caches)."""
-    weight = torch.randn(rows, cols, device=device(), dtype=dtype)
-    vector = torch.randn(cols, device=device(), dtype=dtype)
-    return weight.numel() * weight.element_size() / best_time(lambda: weight @ vector, repeats)
 
 
 def decode_weight_bytes(model: ValignForConditionalGeneration) -> int:
@@ -93,7 +82,7 @@ def prompt_inputs(config: ValignConfig, batch: int, dtype: torch.dtype) -> dict[
     }
 
 
-def measure(model, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+def measure_torch(model, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
     """Median time to the first token and per decode step over `repeats` greedy generations (after a warm-up)."""
     first, step = [], []
     for index in range(repeats + 1):
@@ -113,67 +102,112 @@ def measure(model, inputs: dict, new_tokens: int, repeats: int) -> dict[str, flo
     return {"first_token_s": statistics.median(first), "decode_s": statistics.median(step)}
 
 
-def bench(dtype: torch.dtype, batches: list[int], new_tokens: int, repeats: int) -> list[dict]:
+def measure_onnx(runtime: OnnxValign, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    """The same figures for the ONNX runtime: a 1-token generation is the first token, the rest is decoding."""
+    runtime.generation_config.eos_token_id = None  # random weights: never stop early
+    one = median_time(lambda: runtime.generate(**inputs, max_new_tokens=1), repeats)
+    whole = median_time(lambda: runtime.generate(**inputs, max_new_tokens=new_tokens), repeats)
+    return {"first_token_s": one, "decode_s": (whole - one) / (new_tokens - 1)}
+
+
+def onnx_decode_bytes(folder: Path, config: ValignConfig) -> int:
+    """Bytes a decode step of an export must read: its decoder's stored weights less the embedding table (a
+    Gather reads one row per token)."""
+    text = config.text_config
+    return (folder / f"{DECODER_FILE}.data").stat().st_size - text.vocab_size * text.hidden_size * 4
+
+
+def row(variant: str, batch: int, result: dict, prefill_floor: float, decode_floor: float, new_tokens: int) -> dict:
+    caption = result["first_token_s"] + (new_tokens - 1) * result["decode_s"]
+    print(
+        f"{variant} batch {batch}: first token {result['first_token_s']:.3f} s, decode "
+        f"{1000 * result['decode_s']:.1f} ms/token, caption {caption:.2f} s",
+        flush=True,
+    )
+    return {
+        "variant": variant,
+        "batch": batch,
+        **result,
+        "prefill_floor_s": prefill_floor,
+        "decode_floor_s": decode_floor,
+        "caption_s": caption,
+        "caption_floor_s": prefill_floor + (new_tokens - 1) * decode_floor,
+    }
+
+
+def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
     config = ValignConfig(attn_implementation="sdpa")
-    model = ValignForConditionalGeneration(config).to(device(), dtype).eval()
-    rate, stream = matmul_rate(dtype), weight_stream_rate(dtype)
-    decode_floor = decode_weight_bytes(model) / stream
-    rows = []
+    model = ValignForConditionalGeneration(config).eval()
+    # bf16 only where the hardware computes it (CUDA, AMX / AVX512-BF16): elsewhere its kernels are emulated.
+    dtypes = [torch.float32, *([torch.bfloat16] if torch.cuda.is_available() or cpu_supports_bf16() else [])]
+    limits = {dtype: (matmul_flops_per_second(dtype), weight_stream_rate(dtype)) for dtype in dtypes}
+    inputs = {batch: prompt_inputs(config, batch, torch.float32) for batch in args.batches}
     with torch.no_grad():
-        for batch in batches:
-            inputs = prompt_inputs(config, batch, dtype)
-            prefill_floor = count_flops(lambda inputs=inputs: model(**inputs)) / rate
-            result = measure(model, inputs, new_tokens, repeats)
-            caption = result["first_token_s"] + (new_tokens - 1) * result["decode_s"]
-            caption_floor = prefill_floor + (new_tokens - 1) * decode_floor
-            rows.append(
-                {
-                    "dtype": dtype,
-                    "batch": batch,
-                    **result,
-                    "prefill_floor_s": prefill_floor,
-                    "decode_floor_s": decode_floor,
-                    "caption_s": caption,
-                    "caption_floor_s": caption_floor,
-                    "matmul_flops": rate,
-                    "stream_bytes": stream,
-                }
-            )
-            print(
-                f"{dtype} batch {batch}: first token {result['first_token_s']:.3f} s, decode "
-                f"{1000 * result['decode_s']:.1f} ms/token, caption {caption:.2f} s",
-                flush=True,
-            )
-    return rows
+        flops = {batch: count_flops(lambda inputs=inputs[batch]: model(**inputs)) for batch in args.batches}
+    rows = []
+    for dtype in dtypes:
+        rate, stream = limits[dtype]
+        typed = model.to(device(), dtype)
+        with torch.no_grad():
+            for batch in args.batches:
+                batch_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs[batch].items()}
+                result = measure_torch(typed, batch_inputs, args.new_tokens, args.repeats)
+                floors = flops[batch] / rate, decode_weight_bytes(typed) / stream
+                rows.append(row(f"PyTorch eager, {dtype_name(dtype)}", batch, result, *floors, args.new_tokens))
+    if args.onnx:
+        model = model.to("cpu", torch.float32)
+        rate, stream = limits[torch.float32]  # onnxruntime computes in fp32, int weights are unpacked on the fly
+        fp32 = export_model(model, scratch / "fp32")
+        del model
+        for weights in args.onnx:
+            folder = fp32 if weights == "fp32" else quantize_export(copy_export(fp32, scratch / weights), weights)
+            runtime = OnnxValign(folder)
+            for batch in args.batches:
+                result = measure_onnx(runtime, inputs[batch], args.new_tokens, args.repeats)
+                floors = flops[batch] / rate, onnx_decode_bytes(folder, config) / stream
+                rows.append(row(f"onnxruntime, {weights} weights", batch, result, *floors, args.new_tokens))
+            del runtime
+    return rows, limits
 
 
-def report(rows: list[dict], new_tokens: int) -> str:
+def copy_export(folder: Path, target: Path) -> Path:
+    shutil.copytree(folder, target)
+    return target
+
+
+def report(rows: list[dict], limits: dict, new_tokens: int) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} by `bench/inference.py` on {machine_description()}; Python "
-        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}. Eager "
-        f"`generate` (dynamic KV cache, SDPA), random weights at the paper's shape, 256 image + {TEXT_TOKENS} text "
-        f"tokens, {new_tokens} greedy tokens; medians of the timed calls. Floors from this run:",
+        f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"onnxruntime {onnxruntime.__version__}. Random weights at the paper's shape, 256 image + {TEXT_TOKENS} "
+        f"text tokens, {new_tokens} greedy tokens; PyTorch: eager `generate` (dynamic KV cache, SDPA); onnxruntime: "
+        "valign's export (`valign export`; int weights block-quantized by `MatMulNBits`, whose kernels quantize "
+        "activations per block on the fly). Medians of the timed calls. Floors from this run:",
         "",
         "| dtype | dense matmul (warm, best) | weight streaming, matrix–vector (warm, best) |",
         "|---|---|---|",
     ]
-    for row in {r["dtype"]: r for r in rows}.values():
-        lines.append(
-            f"| {dtype_name(row['dtype'])} | {row['matmul_flops'] / 1e12:.2f} TFLOP/s | "
-            f"{row['stream_bytes'] / 1e9:.1f} GB/s |"
-        )
+    for dtype, (rate, stream) in limits.items():
+        lines.append(f"| {dtype_name(dtype)} | {rate / 1e12:.2f} TFLOP/s | {stream / 1e9:.1f} GB/s |")
     lines += [
         "",
-        f"| weights | batch | time to first token (floor, ×) | decode per token (floor, ×) | "
+        f"| runtime, weights | batch | time to first token (floor, ×) | decode per token (floor, ×) | "
         f"{new_tokens}-token caption (floor, ×) |",
         "|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {dtype_name(r['dtype'])} | {r['batch']} | {ratio(r['first_token_s'], r['prefill_floor_s'])} | "
+            f"| {r['variant']} | {r['batch']} | {ratio(r['first_token_s'], r['prefill_floor_s'])} | "
             f"{ratio(r['decode_s'], r['decode_floor_s'], ms=True)} | {ratio(r['caption_s'], r['caption_floor_s'])} |"
         )
+    lines += [
+        "",
+        "Prefill floor: the model's FLOPs (`torch.utils.flop_counter`) at the dense matmul rate of the weights' "
+        "compute dtype (fp32 for every onnxruntime variant). Decode floor: the bytes of weights one step reads (the "
+        "language model and head; for an export, its decoder's stored weights less the embedding table) at the "
+        "streaming rate.",
+    ]
     return "\n".join(lines)
 
 
@@ -191,14 +225,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--onnx", nargs="*", default=["fp32", "int8", "int4"], help="exported variants to time")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
-    # bf16 only where the hardware computes it (CUDA, AMX / AVX512-BF16): elsewhere its kernels are emulated.
-    native = torch.cuda.is_available() or cpu_supports_bf16()
-    dtypes = [torch.float32, *([torch.bfloat16] if native else [])]
-    rows = [row for dtype in dtypes for row in bench(dtype, args.batches, args.new_tokens, args.repeats)]
-    text = report(rows, args.new_tokens)
+    with tempfile.TemporaryDirectory() as scratch:
+        rows, limits = bench(args, Path(scratch))
+    text = report(rows, limits, args.new_tokens)
     print("\n" + text)
     if not args.no_write:
         replace_section(text, "inference")

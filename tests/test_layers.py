@@ -20,11 +20,12 @@ ALLOWED = {
     "checkpoint": {"model"},
     "data": {"model"},
     "eval": {"data", "checkpoint", "model"},
+    "export": {"checkpoint", "model"},  # ONNX graphs and their runner: used by the command, uses no evaluation
     "hub": {"data"},
     "train": {"eval", "hub", "data", "checkpoint", "model"},
     "root": {"model", "train"},
-    "cli": {"root", "model", "checkpoint", "data", "eval", "hub", "train"},
-    "app": {"root", "model", "checkpoint", "data", "eval", "hub", "train", "cli"},
+    "cli": {"root", "model", "checkpoint", "data", "eval", "export", "hub", "train"},
+    "app": {"root", "model", "checkpoint", "data", "eval", "export", "hub", "train", "cli"},
 }
 NOT_PACKAGE = {"tests", "bench", "scripts", "docs", "outputs", "build", "dist", "constraints"}
 

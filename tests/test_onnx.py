@@ -1,0 +1,79 @@
+"""The ONNX export (export/onnx_runtime.py): onnxruntime decodes the same greedy tokens as PyTorch, with the
+hybrid mask, left padding and the `valign` command; quantized weights are smaller; bad input gets clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import prompts, shape_image
+
+from valign import cli
+from valign.export.onnx_runtime import DECODER_FILE, OnnxValign, export_onnx
+
+QUESTIONS = ["What colour is the shape?", "Describe the image in detail, with many words, please."]
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint: Path, tmp_path_factory) -> Path:
+    return export_onnx(checkpoint, tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="module")
+def batch(model_and_processor) -> dict:
+    """Two prompts of different lengths (so one is left-padded), each with its own image."""
+    _, processor = model_and_processor
+    return processor(images=[shape_image("red"), shape_image("blue")], text=prompts(processor, QUESTIONS))
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "causal"])
+def test_onnx_runtime_decodes_the_tokens_pytorch_decodes(exported: Path, model_and_processor, batch, mode: str):
+    model, _ = model_and_processor
+    expected = model.generate(**batch, attn_mode=mode, max_new_tokens=12, do_sample=False)
+    other = model.generate(**batch, attn_mode="causal" if mode == "hybrid" else "hybrid", max_new_tokens=12)
+    assert not torch.equal(expected, other)  # the masks differ in what they decode, so the mask reached the graph
+    assert batch["attention_mask"][:, 0].tolist() == [0, 1]  # the short prompt is left-padded
+    assert torch.equal(OnnxValign(exported).generate(**batch, attn_mode=mode, max_new_tokens=12), expected)
+
+
+def test_the_command_answers_alike_on_both_runtimes(exported: Path, checkpoint: Path, tmp_path: Path, capsys):
+    paths = []
+    for color in ("red", "blue", "green"):
+        paths.append(str(tmp_path / f"{color}.png"))
+        shape_image(color).save(paths[-1])
+    texts = {}
+    for runtime, model in (("torch", checkpoint), ("onnx", exported)):
+        argv = ["caption", *paths, "--model", str(model), "--runtime", runtime, "--batch-size", "2", "--json"]
+        assert cli.main([*argv, "--max-new-tokens", "10"]) == 0
+        texts[runtime] = [json.loads(line)["text"] for line in capsys.readouterr().out.splitlines()]
+    assert texts["onnx"] == texts["torch"] and len(set(texts["torch"])) == 3
+
+
+def test_int8_weights_are_smaller_and_mostly_agree(exported: Path, checkpoint: Path, tmp_path: Path, batch):
+    quantized = export_onnx(checkpoint, tmp_path / "int8", weights="int8")
+    weights = {folder: (folder / f"{DECODER_FILE}.data").stat().st_size for folder in (exported, quantized)}
+    assert weights[quantized] < 0.6 * weights[exported]  # the embedding table (a Gather) stays fp32
+    reference = OnnxValign(exported).generate(**batch, max_new_tokens=12)
+    tokens = OnnxValign(quantized).generate(**batch, max_new_tokens=12)
+    assert (tokens == reference).float().mean() >= 0.75  # prompt included; greedy paths may part after a flip
+    assert json.loads((quantized / "onnx_export.json").read_text())["weights"] == "int8"
+
+
+def test_bad_requests_get_clear_errors(exported: Path, checkpoint: Path, batch, tmp_path: Path, capsys):
+    runtime = OnnxValign(exported)
+    with pytest.raises(ValueError, match="greedily only"):
+        runtime.generate(**batch, num_beams=2)
+    with pytest.raises(ValueError, match="bidirectional"):
+        runtime.generate(**batch, attn_mode="bidirectional")
+    broken = {**batch, "pixel_values": batch["pixel_values"].clone()}
+    broken["pixel_values"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        runtime.generate(**broken)
+    with pytest.raises(FileNotFoundError, match="not a valign ONNX export"):
+        OnnxValign(checkpoint)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        export_onnx(checkpoint, tmp_path / "x", weights="int2")
+    assert cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
+    assert "cannot export" in capsys.readouterr().err
