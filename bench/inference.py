@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -161,7 +160,7 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
         fp32 = export_model(model, scratch / "fp32")
         del model
         for weights in args.onnx:
-            folder = fp32 if weights == "fp32" else quantize_export(copy_export(fp32, scratch / weights), weights)
+            folder = fp32 if weights == "fp32" else quantize_export(fp32, weights, scratch / weights)
             runtime = OnnxValign(folder)
             for batch in args.batches:
                 result = measure_onnx(runtime, inputs[batch], args.new_tokens, args.repeats)
@@ -169,11 +168,6 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
                 rows.append(row(f"onnxruntime, {weights} weights", batch, result, *floors, args.new_tokens))
             del runtime
     return rows, limits
-
-
-def copy_export(folder: Path, target: Path) -> Path:
-    shutil.copytree(folder, target)
-    return target
 
 
 def report(rows: list[dict], limits: dict, new_tokens: int) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -186,9 +187,12 @@ def export_model(model: nn.Module, folder: str | Path, weights: str = "fp32", so
     return quantize_export(folder, weights)
 
 
-def quantize_export(folder: Path, weights: str) -> Path:
-    """Turn the fp32 graphs of an export into `weights` ("fp32": left as they are), in place."""
+def quantize_export(folder: Path, weights: str, target: Path | None = None) -> Path:
+    """Turn the fp32 graphs of an export into `weights` ("fp32": left as they are), in place or, given `target`, in
+    a copy there (the fp32 export is kept)."""
     check_weights(weights)
+    if target is not None:
+        folder = Path(shutil.copytree(folder, target))
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     if manifest["weights"] != "fp32":
         raise ValueError(f"{folder} already holds {manifest['weights']} weights; quantize an fp32 export")
