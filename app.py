@@ -1,7 +1,7 @@
 """valign's demo app (Gradio): caption an image, or ask a question about it.
 
     python -m valign.app [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
-                         [--trust-remote-code]
+                         [--trust-remote-code] [--runtime auto|torch|onnx]
 
 A question is sent with the short-answer instruction the recipe trains VQA with (`--no-instruction`: alone); an
 empty question asks for a caption.
@@ -11,7 +11,9 @@ Space variable `VALIGN_MODEL` to a Hub repo id; Spaces set `GRADIO_SERVER_NAME`/
 gradio reads when `--host`/`--port` are not given. Without a model the app takes the offline demo's last
 checkpoint (`outputs/demo/stages/stage-3`, from `python -m valign.train`) if it exists, else builds a tiny random
 checkpoint offline (`outputs/app/tiny`) so that it starts anywhere; that one's answers are noise. valign's own
-classes load the model: the checkpoint's Python files run only with `--trust-remote-code`.
+classes load the model: the checkpoint's Python files run only with `--trust-remote-code`. The runtime is chosen as
+for the `valign` command (`export/runtime.py`): with `auto`, a cached ONNX export of the model runs on onnxruntime
+on a CPU without native bf16.
 
 The app sends nothing anywhere: analytics are off and no share link is made.
 """
@@ -28,10 +30,11 @@ import gradio as gr
 import torch
 
 import valign
-from valign.checkpoint import load_checkpoint, save_checkpoint
+from valign.checkpoint import save_checkpoint
 from valign.cli import default_model
 from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
 from valign.eval.generate import DecodingSettings, PromptTooLongError, generate_answers
+from valign.export.runtime import RUNTIMES, load_for_generation
 from valign.processing_valign import load_image
 
 # gradio reads this whenever it would send usage analytics or check PyPI for a newer version: never, here.
@@ -118,6 +121,7 @@ def parser() -> argparse.ArgumentParser:
     cli.add_argument(
         "--trust-remote-code", action="store_true", help="load with the checkpoint's own Python files (they run here)"
     )
+    cli.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for `valign caption` (default: auto)")
     cli.add_argument("--host", help="address to listen on (default: gradio's, 127.0.0.1)")
     cli.add_argument("--port", type=int, help="port (default: gradio's, 7860)")
     cli.add_argument("--max-new-tokens", type=int, default=40)
@@ -130,8 +134,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     name = resolve_model(args.model)
-    model, processor = load_checkpoint(name, args.revision, device="auto", trust_remote_code=args.trust_remote_code)
-    print(f"valign app: model {name}", flush=True)
+    model, processor, runtime = load_for_generation(name, args.revision, args.runtime, args.trust_remote_code)
+    print(f"valign app: model {name} on {runtime}", flush=True)
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
     app = build_app(model, processor, settings, instruction=not args.no_instruction)
     launch(app, args.host, args.port)

@@ -3,6 +3,7 @@ and the app use."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,12 @@ from .processing_valign import ValignProcessor
 
 # Saved beside the remote code in every checkpoint: Inference Endpoints serve a repository through its handler.py.
 ENDPOINT_HANDLER = Path(__file__).with_name("handler.py")
+CACHE_VARIABLE = "VALIGN_CACHE"  # where valign keeps what it derives once: converted backbones, ONNX exports
+
+
+def valign_cache(kind: str) -> Path:
+    """The cache folder for `kind` ("backbones", "onnx"): under $VALIGN_CACHE, default ~/.cache/valign."""
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "valign") / kind
 
 
 def save_checkpoint(model: torch.nn.Module, processor: ValignProcessor, folder: str | Path) -> Path:

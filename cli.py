@@ -2,11 +2,14 @@
 
     valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
     valign ask IMAGE "QUESTION" [--no-instruction] [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
-    (both: [--revision REV] [--trust-remote-code] [--runtime torch|onnx])
-    valign export CHECKPOINT FOLDER [--weights fp32|int8|int4] [--revision REV]
+    (both: [--revision REV] [--trust-remote-code] [--runtime auto|torch|onnx])
+    valign export CHECKPOINT [FOLDER] [--weights fp32|int8|int4] [--revision REV]
 
-`export` writes the model as ONNX graphs run by onnxruntime (`export/onnx_runtime.py`); `--runtime onnx` with
-`--model` naming such a folder captions and answers through them (greedy decoding only).
+`export` writes the model as ONNX graphs run by onnxruntime (`export/onnx_runtime.py`), into FOLDER or, without
+one, into valign's cache, where `--runtime auto` (the default) finds it. `auto` picks the fastest runtime that
+decodes the same tokens (`export/runtime.py`): an export given as `--model` or cached for the checkpoint runs on
+onnxruntime on a CPU without native bf16; PyTorch otherwise (bf16 on a CPU that computes it natively).
+`--runtime onnx` with a checkpoint exports it into the cache on first use. The ONNX runtime decodes greedily only.
 
 `ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
 `--no-instruction` sends the question alone.
@@ -48,10 +51,11 @@ from typing import Any
 import transformers
 from tqdm.auto import tqdm
 
-from .checkpoint import is_local, load_checkpoint
+from .checkpoint import is_local
 from .data.prompts import CAPTION_PROMPT, vqa_prompt
 from .eval.generate import DecodingSettings, PromptTooLongError, generate_answers
-from .export.onnx_runtime import OnnxValign, export_onnx
+from .export.onnx_runtime import export_onnx
+from .export.runtime import RUNTIMES, checkpoint_folder, ensure_export, load_for_generation
 from .processing_valign import load_image
 
 DEMO_CHECKPOINT = Path("outputs") / "demo" / "stages" / "stage-3"
@@ -127,9 +131,10 @@ def parser() -> argparse.ArgumentParser:
     for command in (caption, ask):
         command.add_argument(
             "--runtime",
-            choices=("torch", "onnx"),
-            default="torch",
-            help="onnx: --model is a folder written by `valign export`, run by onnxruntime",
+            choices=RUNTIMES,
+            default="auto",
+            help="auto: onnxruntime when an export is given or cached and the CPU lacks native bf16, else PyTorch; "
+            "onnx: exports the checkpoint into the cache on first use",
         )
         command.add_argument(
             "--model", help=f"checkpoint folder or Hub repo id (default: ${MODEL_VARIABLE}, else {DEMO_CHECKPOINT})"
@@ -145,7 +150,9 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
     export = commands.add_parser("export", help="write a checkpoint as ONNX graphs for onnxruntime")
     export.add_argument("checkpoint", help="checkpoint folder or Hub repo id")
-    export.add_argument("folder", type=Path, help="where the graphs, config and processor go")
+    export.add_argument(
+        "folder", type=Path, nargs="?", help="where the graphs, config and processor go (default: valign's cache)"
+    )
     export.add_argument("--weights", choices=("fp32", "int8", "int4"), default="fp32", help="matrix weights")
     export.add_argument("--revision", help="Hub branch, tag or commit")
     export.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -177,10 +184,8 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UsageError(str(error)) from error
     kind = "local folder" if is_local(name) else "Hub repo id"
     try:
-        if args.runtime == "onnx":
-            model = OnnxValign(name)
-            return model, model.processor()
-        return load_checkpoint(name, args.revision, device="auto", trust_remote_code=args.trust_remote_code)
+        model, processor, _ = load_for_generation(name, args.revision, args.runtime, args.trust_remote_code)
+        return model, processor
     except Exception as error:  # missing folder, unknown repo, not a valign checkpoint, broken weights
         raise UsageError(f"cannot load the model {name} ({kind}): {error}") from error
 
@@ -188,7 +193,10 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
 def export_model(args: argparse.Namespace) -> int:
     transformers.logging.set_verbosity_error()
     try:
-        folder = export_onnx(args.checkpoint, args.folder, weights=args.weights, revision=args.revision)
+        if args.folder is None:
+            folder = ensure_export(checkpoint_folder(args.checkpoint, args.revision), args.weights)
+        else:
+            folder = export_onnx(args.checkpoint, args.folder, weights=args.weights, revision=args.revision)
     except (OSError, ValueError) as error:  # missing or broken checkpoint, unknown repo
         raise UsageError(f"cannot export {args.checkpoint}: {error}") from error
     message = f"wrote {args.weights} ONNX graphs of {args.checkpoint} to {folder}"

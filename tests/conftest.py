@@ -25,6 +25,17 @@ OTHER_MAJOR_PYTHON = Path(
 )
 
 
+@pytest.fixture(autouse=True)
+def own_cache_and_fp32(monkeypatch, tmp_path_factory) -> None:
+    """Every test gets its own cache of ONNX exports (never the user's), and the runtime choice never takes bf16 (its
+    pick on AMX / AVX512-BF16 CPUs), so comparisons with fp32 hold on every machine kind; the bf16 branch is tested
+    on its own (test_runtime.py). Converted backbones stay in the shared cache: converting takes a minute."""
+    exports = tmp_path_factory.mktemp("onnx-cache")
+    real = valign.checkpoint.valign_cache
+    monkeypatch.setattr("valign.export.runtime.valign_cache", lambda kind: exports if kind == "onnx" else real(kind))
+    monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": False)
+
+
 @pytest.fixture(scope="session")
 def backbones(tmp_path_factory) -> tuple[Path, Path]:
     return build_tiny_backbones(tmp_path_factory.mktemp("backbones"))

@@ -1,9 +1,12 @@
 """The ONNX export (export/onnx_runtime.py): onnxruntime decodes the same greedy tokens as PyTorch, with the
-hybrid mask, left padding and the `valign` command; quantized weights are smaller; bad input gets clear errors."""
+hybrid mask, left padding and the `valign` command; quantized weights are smaller; bad input gets clear errors. The
+runtime choice (export/runtime.py): a cached export serves its checkpoint only, bf16 where the CPU computes it."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ from conftest import prompts, shape_image
 
 from valign import cli
 from valign.export.onnx_runtime import DECODER_FILE, OnnxValign, export_onnx
+from valign.export.runtime import cached_export, choose_runtime, load_for_generation
 
 QUESTIONS = ["What colour is the shape?", "Describe the image in detail, with many words, please."]
 
@@ -77,3 +81,43 @@ def test_bad_requests_get_clear_errors(exported: Path, checkpoint: Path, batch, 
         export_onnx(checkpoint, tmp_path / "x", weights="int2")
     assert cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "cannot export" in capsys.readouterr().err
+
+
+@pytest.fixture
+def own_checkpoint(checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of the session checkpoint that a test may rewrite."""
+    return Path(shutil.copytree(checkpoint, tmp_path / "checkpoint"))
+
+
+def test_auto_runs_the_cached_export_once_there_is_one(own_checkpoint: Path, tmp_path: Path, capsys):
+    image = tmp_path / "red.png"
+    shape_image("red").save(image)
+    assert choose_runtime("auto", own_checkpoint) == "torch"  # no export yet: exporting costs more than a caption
+    answers = {}
+    for runtime in ("torch", "onnx", "auto"):  # onnx given a checkpoint exports it into the cache on first use
+        argv = ["caption", str(image), "--model", str(own_checkpoint), "--runtime", runtime, "--json"]
+        assert cli.main(argv) == 0
+        answers[runtime] = json.loads(capsys.readouterr().out)["text"]
+    assert answers["onnx"] == answers["auto"] == answers["torch"]
+    assert load_for_generation(own_checkpoint)[2] == "onnx"
+    assert cli.main(["export", str(own_checkpoint), "--json"]) == 0  # already there: reported, not redone
+    assert json.loads(capsys.readouterr().out)["folder"] == str(cached_export(own_checkpoint))
+    weights = own_checkpoint / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # retrained, say
+    assert choose_runtime("auto", own_checkpoint) == "torch"  # the old export no longer answers for it
+
+
+def test_auto_takes_bf16_pytorch_where_the_cpu_computes_bf16(exported: Path, own_checkpoint: Path, monkeypatch):
+    shutil.copytree(exported, cached_export(own_checkpoint))  # even with an export at hand
+    assert choose_runtime("auto", own_checkpoint) == "onnx"
+    monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": True)
+    model, _, used = load_for_generation(own_checkpoint)
+    assert used == "torch" and model.dtype == torch.bfloat16
+
+
+def test_an_export_given_as_the_model_runs_on_onnxruntime_only(exported: Path):
+    assert isinstance(load_for_generation(exported)[0], OnnxValign)
+    with pytest.raises(ValueError, match="is an ONNX export"):
+        load_for_generation(exported, runtime="torch")
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        load_for_generation(exported, runtime="openvino")

