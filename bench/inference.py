@@ -8,9 +8,12 @@ reads one row per token). Every figure is reported beside its floor and as time 
 The model is valign's default shape (SigLIP so400m-patch14-224 + Qwen2.5-0.5B) with random weights, prompted with
 256 image tokens + 15 text tokens and made to generate exactly `--new-tokens` tokens greedily: PyTorch eager (fp32,
 and bf16 where the hardware computes it), then the model exported to ONNX (fp32, and its int8 / int4 weight-only
-variants) run by onnxruntime. Results replace the inference section of BENCHMARKS.md.
+variants) run by onnxruntime. Results replace the inference section of BENCHMARKS.md. `--checkpoint` times a saved
+checkpoint instead (e.g. the demo's, to see where the export pays: the time the export took is reported) and only
+prints.
 
     .venv/bin/python bench/inference.py [--batches 1 8] [--new-tokens 20] [--repeats 3] [--onnx fp32 int8 int4]
+                                        [--checkpoint FOLDER]
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
+from valign.checkpoint import load_checkpoint
 from valign.export.onnx_runtime import DECODER_FILE, OnnxValign, export_model, quantize_export
 
 TEXT_TOKENS = 15  # the prompt around the image: a chat turn asking for a caption
@@ -136,8 +140,11 @@ def row(variant: str, batch: int, result: dict, prefill_floor: float, decode_flo
 
 def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
     torch.manual_seed(0)
-    config = ValignConfig(attn_implementation="sdpa")
-    model = ValignForConditionalGeneration(config).eval()
+    if args.checkpoint:
+        model = load_checkpoint(args.checkpoint, dtype=torch.float32)[0]
+    else:
+        model = ValignForConditionalGeneration(ValignConfig(attn_implementation="sdpa")).eval()
+    config = model.config
     # bf16 only where the hardware computes it (CUDA, AMX / AVX512-BF16): elsewhere its kernels are emulated.
     dtypes = [torch.float32, *([torch.bfloat16] if torch.cuda.is_available() or cpu_supports_bf16() else [])]
     limits = {dtype: (matmul_flops_per_second(dtype), weight_stream_rate(dtype)) for dtype in dtypes}
@@ -158,7 +165,9 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
     if args.onnx:
         model = model.to("cpu", torch.float32)
         rate, stream = limits[torch.float32]  # onnxruntime computes in fp32, int weights are unpacked on the fly
+        start = time.perf_counter()
         fp32 = export_model(model, scratch / "fp32")
+        print(f"export (fp32 graphs): {time.perf_counter() - start:.1f} s", flush=True)
         del model
         for weights in args.onnx:
             folder = fp32 if weights == "fp32" else quantize_export(fp32, weights, scratch / weights)
@@ -171,11 +180,11 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
     return rows, limits
 
 
-def report(rows: list[dict], limits: dict, new_tokens: int) -> str:
+def report(rows: list[dict], limits: dict, new_tokens: int, subject: str) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} by `bench/inference.py` on {machine_description()}; Python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"onnxruntime {onnxruntime.__version__}. Random weights at the paper's shape, 256 image + {TEXT_TOKENS} "
+        f"onnxruntime {onnxruntime.__version__}. {subject}, its image tokens + {TEXT_TOKENS} "
         f"text tokens, {new_tokens} greedy tokens; PyTorch: eager `generate` (dynamic KV cache, SDPA); onnxruntime: "
         "valign's export (`valign export`; int weights block-quantized by `MatMulNBits`, whose kernels quantize "
         "activations per block on the fly). Medians of the timed calls. Floors from this run:",
@@ -222,13 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--onnx", nargs="*", default=["fp32", "int8", "int4"], help="exported variants to time")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
+    parser.add_argument("--checkpoint", type=Path, help="time this checkpoint instead of the random paper shape")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as scratch:
         rows, limits = bench(args, Path(scratch))
-    text = report(rows, limits, args.new_tokens)
+    subject = f"Checkpoint {args.checkpoint}" if args.checkpoint else "Random weights at the paper's shape"
+    text = report(rows, limits, args.new_tokens, subject)
     print("\n" + text)
-    if not args.no_write:
+    if not (args.no_write or args.checkpoint):
         replace_section(text, "inference")
 
 

@@ -37,7 +37,7 @@ from harness import (
     timed,
 )
 from llava_twin import llava_twin
-from transformers import Qwen2Config, SiglipVisionConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import Dinov2Config, LlamaConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
@@ -50,7 +50,8 @@ from valign.processing_valign import ValignProcessor
 from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import image_processor_class, train_tokenizer
 from valign.train.collator import ConversationCollator
-from valign.train.demo import DemoSizes, demo_corpus
+from valign.train.demo import PACKAGED_IMAGE_SIZE, PACKAGED_PIXEL_SHUFFLE, DemoSizes, demo_corpus
+from valign.train.packaged import DINOV2_SMALL_CONFIG
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,30 +70,27 @@ class Shape:
 
 
 def small_config(vocab_size: int, image_token_id: int) -> ValignConfig:
-    """The offline demo's shape (DemoSizes): 128 wide, LM 4 layers, vision 2 layers, 16 image tokens."""
-    sizes = DemoSizes()
-    vision = SiglipVisionConfig(
-        hidden_size=sizes.width,
-        intermediate_size=2 * sizes.width,
-        num_hidden_layers=sizes.vision_layers,
-        num_attention_heads=4,
-        image_size=sizes.encoder_image_size,
-        patch_size=sizes.patch_size,
-        vision_use_head=False,
-    )
-    text = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=sizes.width,
-        intermediate_size=2 * sizes.width,
-        num_hidden_layers=sizes.layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
+    """The embedded default's shape (`train/recipes/demo`): DINOv2-small seeing 112 px, pixel shuffle 2 → 16 image
+    tokens, SmolLM2-135M's dimensions (the packaged backbones), random weights."""
+    text = LlamaConfig(
+        vocab_size=max(vocab_size, 49_152),  # SmolLM2's vocabulary, so the head costs what it costs in training
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
         tie_word_embeddings=True,
-        rope_theta=1_000_000.0,
+        rope_theta=100_000.0,
     )
     return ValignConfig(
-        vision_config=vision, text_config=text, image_token_id=image_token_id, attn_implementation="sdpa"
+        vision_config=Dinov2Config(**DINOV2_SMALL_CONFIG),
+        text_config=text,
+        image_token_id=image_token_id,
+        image_size=PACKAGED_IMAGE_SIZE,
+        pixel_shuffle_factor=PACKAGED_PIXEL_SHUFFLE,
+        attn_implementation="sdpa",
     )
 
 
@@ -105,7 +103,15 @@ def shapes() -> dict[str, Shape]:
     paper_dtype = torch.bfloat16 if torch.cuda.is_available() or cpu_supports_bf16() else torch.float32
     return {
         "small": Shape(
-            "small", "the offline demo's model (DemoSizes)", small_config, 16, 256, 12, 32, torch.float32, 25
+            "small",
+            "the embedded default's shape (DINOv2-small + SmolLM2-135M, 16 image tokens)",
+            small_config,
+            16,
+            256,
+            12,
+            32,
+            torch.float32,
+            25,
         ),
         "paper": Shape(
             "paper", "SigLIP so400m-patch14-224 + Qwen2.5-0.5B", paper_config, 4, 1024, 2, 16, paper_dtype, 3
@@ -141,7 +147,7 @@ class Workload:
 
 def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
     config = shape.config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-    size = config.vision_config.image_size
+    size = config.image_size
     processor = ValignProcessor(
         image_processor=image_processor_class()(size={"height": size, "width": size}),
         tokenizer=tokenizer,

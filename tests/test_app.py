@@ -75,8 +75,16 @@ def app(checkpoint: Path, tmp_path: Path) -> Iterator[Server]:
     port = free_port()
     log = tmp_path / "app.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "GRADIO_ANALYTICS_ENABLED": "False"}
-    command = [sys.executable, str(REPO / "app.py"), "--model", str(checkpoint), "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    env["VALIGN_CACHE"] = str(tmp_path / "cache")  # no cached export of the user's can answer for it
+    arguments = ["--model", str(checkpoint), "--host", "127.0.0.1", "--port", str(port)]
+    arguments += ["--max-new-tokens", str(MAX_NEW_TOKENS)]
+    # app.py as `python app.py` runs it, with the runtime choice kept to fp32 on every CPU, as in this process.
+    start = (
+        "import runpy, sys\nimport valign.export.runtime as runtime\n"
+        "runtime.native_bf16 = lambda device='cpu': False\n"
+        f"sys.argv = [{str(REPO / 'app.py')!r}, *sys.argv[1:]]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    command = [sys.executable, "-c", start, *arguments]
     with log.open("w") as output:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:

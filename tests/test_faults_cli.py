@@ -73,10 +73,12 @@ def red(tmp_path: Path) -> Path:
 
 
 def run_cli(python: Path | str, *args: str, cwd: Path, preamble: str = "") -> subprocess.CompletedProcess:
-    """`valign ARGS` in a fresh process of `python` (its exit status is the process's); `preamble` runs first."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    """`valign ARGS` in a fresh process of `python` (its exit status is the process's); `preamble` runs first. As in
+    this process (conftest), the runtime choice keeps fp32 on every CPU and a cache of its own."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "VALIGN_CACHE": str(cwd / "cache")}
     env["HF_MODULES_CACHE"] = str(cwd / "modules")  # where trust_remote_code copies a checkpoint's code
-    code = f"import sys\n{preamble}\nfrom valign.cli import main\nsys.exit(main(sys.argv[1:]))"
+    fp32 = "import valign.export.runtime as runtime\nruntime.native_bf16 = lambda device='cpu': False"
+    code = f"import sys\n{fp32}\n{preamble}\nfrom valign.cli import main\nsys.exit(main(sys.argv[1:]))"
     command = [str(python), "-c", code, *args]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 

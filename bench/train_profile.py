@@ -1,0 +1,122 @@
+"""Where a stage-2 training step's time goes, against the machine's warm best-of matmul rate measured in the same run.
+
+One valign hybrid step (forward, backward, AdamW over every parameter) on `bench/run.py`'s caption batches, two
+ways: the loss over every position (what `bench/run.py`'s training table times) and the loss as `ValignTrainer`
+computes it (logits at the supervised positions only, `train.trainer.supervised_positions`). Each is timed (median
+of `--steps`, after a warm-up step), its FLOPs counted (`torch.utils.flop_counter`) and its achieved rate given as a
+share of the matmul rate; then one trainer step runs under `torch.profiler` and the operators costing most self
+time are listed. Results replace the training-profile section of BENCHMARKS.md.
+
+    .venv/bin/python bench/train_profile.py [--shape paper|small] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+from collections.abc import Callable
+
+import torch
+import transformers
+from harness import count_flops, machine_description, matmul_flops_per_second, replace_section, timed
+from run import build_models, build_workload, shapes, to_device
+from torch.profiler import ProfilerActivity, profile
+from transformers.utils import logging as hf_logging
+
+from valign.modeling_valign import IGNORE_INDEX
+from valign.train.assembly import prepare_tokenizer
+from valign.train.backbones import train_tokenizer
+from valign.train.demo import DemoSizes, demo_corpus
+from valign.train.trainer import supervised_positions
+
+TOP_OPERATORS = 8
+
+
+def step_functions(model, batch: dict) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
+    """label -> (one forward + backward + AdamW step, its forward + backward alone), the loss computed that way."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    keep = supervised_positions(batch["labels"])
+
+    def forward_backward(trainer_loss: bool) -> None:
+        extra = {"logits_to_keep": keep} if trainer_loss else {}
+        model(**batch, **extra).loss.backward()
+
+    def step(trainer_loss: bool) -> None:
+        forward_backward(trainer_loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {
+        "loss over every position": (lambda: step(False), lambda: forward_backward(False)),
+        "supervised positions only (ValignTrainer)": (lambda: step(True), lambda: forward_backward(True)),
+    }
+
+
+def measure(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, float]], float, dict]:
+    shape = shapes()[args.shape]
+    tokenizer = prepare_tokenizer(train_tokenizer(demo_corpus(DemoSizes())), "<|image_pad|>")
+    workload = build_workload(shape, tokenizer)
+    model = build_models(shape, workload)[False].train()
+    model.config.attn_mode = "hybrid"
+    batch = to_device({key: value[: args.samples] for key, value in workload.batches[False][0].items()})
+    rate = matmul_flops_per_second(torch.float32)
+    rows = []
+    for label, (step, forward_backward) in step_functions(model, batch).items():
+        step()  # warm-up: allocates the optimizer state
+        seconds = statistics.median(timed(step) for _ in range(args.steps))
+        flops = count_flops(forward_backward)
+        model.zero_grad(set_to_none=True)
+        rows.append({"label": label, "seconds": seconds, "flops": flops, "share": flops / seconds / rate})
+        print(f"{label}: {seconds:.2f} s, {flops / 1e12:.2f} TFLOP, {rows[-1]['share']:.0%} of the matmul rate")
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [(e.key, e.self_cpu_time_total / total) for e in events[:TOP_OPERATORS]]
+    context = {"tokens": int(batch["attention_mask"].sum()), "samples": batch["input_ids"].shape[0]}
+    context["supervised"] = int((batch["labels"] != IGNORE_INDEX).sum())
+    context["positions"] = int(supervised_positions(batch["labels"]).numel())
+    context["width"] = batch["input_ids"].shape[1]
+    return rows, top, rate, context
+
+
+def report(args: argparse.Namespace, rows: list[dict], top: list[tuple[str, float]], rate: float, context) -> str:
+    shape = shapes()[args.shape]
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} by `bench/train_profile.py --shape {args.shape}` on "
+        f"{machine_description()}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}. Shape: {shape.description}, random weights, fp32, valign hybrid: one stage-2 "
+        f"step (everything trains, AdamW) on {context['samples']} caption samples, {context['tokens']} tokens "
+        f"({context['supervised']} supervised; {context['positions']} of the {context['width']} positions hold one: "
+        f"the trainer computes logits there only), median of {args.steps} warm steps. Reference: a warm fp32 2048² "
+        f"matmul, best of 10, {rate / 1e9:.0f} GFLOP/s.",
+        "",
+        "| loss computed over | step | FLOPs (forward + backward) | share of the matmul rate |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['seconds']:.2f} s | {r['flops'] / 1e12:.2f} T | {r['share']:.0%} |")
+    lines += ["", "Self time of one trainer step under `torch.profiler`:", "", "| operator | share |", "|---|---|"]
+    lines += [f"| `{name}` | {share:.0%} |" for name, share in top]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["paper", "small"], default="paper")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=8, help="samples per step (the demo recipe's batch: 8)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
+    args = parser.parse_args(argv)
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    text = report(args, *measure(args))
+    print("\n" + text)
+    if not args.no_write:
+        replace_section(text, "training-profile")
+
+
+if __name__ == "__main__":
+    main()
