@@ -16,11 +16,12 @@ import yaml
 from conftest import Kill, killed_run
 from safetensors.torch import load_file
 
+import valign.train.run as run_module
 import valign.train.trainer as trainer_module
 from valign.data.synthetic import make_caption_dataset, write_parquet
 from valign.train.__main__ import main
 from valign.train.config import StageConfig
-from valign.train.fingerprint import FILE, checkpoints, is_finished, read_fingerprint
+from valign.train.fingerprint import CHECKPOINTS, FILE, checkpoints, is_finished, read_fingerprint
 from valign.train.run import run_recipe, run_stage, stage_fingerprint
 
 
@@ -136,16 +137,21 @@ def test_a_resume_with_no_complete_checkpoint_is_refused_and_keeps_the_folder(ch
     assert (half_written / "model.safetensors").read_bytes() == b"cut"
 
 
+def interrupt(*args) -> None:
+    raise KeyboardInterrupt  # as Ctrl-C would, at this point
+
+
 def write_recipe(folder: Path, config: StageConfig) -> Path:
     folder.mkdir()
     (folder / "stage0.yaml").write_text(yaml.safe_dump(config.to_dict()))
     return folder
 
 
-def test_a_recipe_keeps_only_a_finished_stage_of_the_same_run(checkpoint, data_root, tmp_path):
+def test_a_recipe_keeps_only_a_finished_stage_of_the_same_run(checkpoint, data_root, tmp_path, monkeypatch):
     recipe, out = write_recipe(tmp_path / "recipe", stage(max_steps=2)), tmp_path / "out"
     run_recipe(recipe, checkpoint, out, data_root)
     finished = (out / "s" / "model.safetensors").read_bytes()
+    assert not (out / "s" / CHECKPOINTS).exists()  # a finished stage's resumable copies are gone
 
     with pytest.raises(ValueError, match="config max_steps: 2 there, 3 now"):
         run_recipe(recipe, checkpoint, out, data_root, resume=True, overrides={"*": {"max_steps": 3}})
@@ -154,7 +160,12 @@ def test_a_recipe_keeps_only_a_finished_stage_of_the_same_run(checkpoint, data_r
     assert not is_finished(out / "s", stage_fingerprint(stage(max_steps=3), checkpoint, data_root))
     assert run_recipe(recipe, checkpoint, out, data_root, resume=True)[0].skip_report == "kept"
 
-    (out / "s" / FILE).unlink()  # killed while the final folder was written: its mark is written last
+    # Killed while the final folder was written (its mark is written last): resumed from its last checkpoint.
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "write_fingerprint", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(recipe, checkpoint, out, data_root, overwrite=True)
+    assert not (out / "s" / FILE).exists() and checkpoints(out / "s")
     result = run_recipe(recipe, checkpoint, out, data_root, resume=True)[0]
     assert result.skip_report != "kept" and (out / "s" / "model.safetensors").read_bytes() == finished
     assert is_finished(out / "s", stage_fingerprint(stage(max_steps=2), checkpoint, data_root))

@@ -54,6 +54,8 @@ METRICS = {
     "colour": lambda r: 100 * r.vqa["model"]["per_type"]["colour"]["accuracy"],
     "shape": lambda r: 100 * r.vqa["model"]["per_type"]["shape"]["accuracy"],
     "yes/no": lambda r: 100 * r.vqa["model"]["per_type"]["yes/no"]["accuracy"],
+    # The same model shown other questions' images: VQA above it is what the model reads from the image.
+    "VQA, mismatched images": lambda r: 100 * r.vqa["mismatched_images"]["accuracy"],
     "CIDEr": lambda r: 100 * r.captions["scores"]["CIDEr"],
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,6 +324,9 @@ def run_recipe(
         else:
             results.append(run_stage(config, previous, folder, data_root, resume, overwrite=overwrite))
         if is_main_process():
+            # A finished stage is kept by its fingerprint and never resumed: its Trainer checkpoints (weights and
+            # optimizer state, 1.8 GB a stage for the demo) would only fill the disk (an ablation run: 12 demos).
+            shutil.rmtree(folder / CHECKPOINTS, ignore_errors=True)
             card = stage_model_card(
                 config.name,
                 config.to_dict(),
