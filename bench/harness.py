@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import StoppingCriteria
 
 
 def device() -> torch.device:
@@ -26,6 +27,18 @@ def device() -> torch.device:
 def synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+class TokenClock(StoppingCriteria):
+    """Never stops generation; records when each new token is ready (generate calls it once per token)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def timed(fn: Callable[[], object]) -> float:

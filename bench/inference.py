@@ -30,6 +30,7 @@ import onnxruntime
 import torch
 import transformers
 from harness import (
+    TokenClock,
     count_flops,
     cpu_supports_bf16,
     device,
@@ -40,7 +41,7 @@ from harness import (
     synchronize,
     weight_stream_rate,
 )
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
@@ -56,18 +57,6 @@ def decode_weight_bytes(model: ValignForConditionalGeneration) -> int:
     language = sum(p.numel() * p.element_size() for p in model.language_model.parameters() if p is not embedding)
     head = model.get_output_embeddings().weight
     return language + head.numel() * head.element_size()
-
-
-class TokenClock(StoppingCriteria):
-    """Never stops generation; records when each new token is ready."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        synchronize()
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def prompt_inputs(config: ValignConfig, batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:

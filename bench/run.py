@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import transformers
 from harness import (
+    TokenClock,
     count_flops,
     cpu_supports_bf16,
     device,
@@ -37,7 +38,7 @@ from harness import (
     timed,
 )
 from llava_twin import llava_twin
-from transformers import Dinov2Config, LlamaConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import Dinov2Config, LlamaConfig, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
@@ -283,18 +284,6 @@ def mask_seconds(model, batches: list[dict], variant: Variant) -> float:
         )
 
     return sum(median_time(lambda b=b: build(b), repeats=5) for b in batches)
-
-
-class TokenClock(StoppingCriteria):
-    """Never stops generation; records when each new token is ready (generate calls it once per token)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        synchronize()
-        self.times.append(time.perf_counter())
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def generation(models, shape: Shape, workload: Workload, variants: list[Variant], batch_size: int) -> dict:
