@@ -6,11 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from valign.train import ablations
+from valign.train import ablations, demo
 from valign.train.ablations import ARMS, Arm, arm_overrides
 from valign.train.config import StageConfig
-from valign.train.demo import DemoResult
+from valign.train.demo import DemoResult, DemoSizes
 from valign.train.run import StageResult, recipe_stages, with_overrides
 
 
@@ -93,3 +95,26 @@ def test_a_run_trained_in_another_precision_is_not_kept(tmp_path, monkeypatch):
         for backbones in ("packaged", "tiny"):
             ablations.run_arm(tmp_path / backbones, ARMS["paper"], 0, backbones)
     assert trained == ["packaged", "tiny", "packaged"]
+
+
+def test_the_seed_alone_decides_the_starting_projector(tmp_path, monkeypatch):
+    """A first run converts the packaged backbones (drawing random numbers) and later runs read them from the cache;
+    both must start from the same projector, and another seed from another one."""
+    make_backbones = demo.tiny_backbones
+
+    def drawing_backbones(folder, sizes):  # as a first conversion: random numbers drawn on the way
+        paths = make_backbones(folder, sizes)
+        torch.rand(5)
+        return paths
+
+    def projector(folder, seed: int) -> dict[str, torch.Tensor]:
+        init = demo.build_demo_init(folder, DemoSizes(backbones="tiny", seed=seed, captions=50, vqa_train=50))
+        weights = load_file(init / "model.safetensors").items()
+        return {k: v for k, v in weights if k.startswith("model.multi_modal_projector") and k.endswith("weight")}
+
+    first = projector(tmp_path / "a", seed=1)
+    monkeypatch.setattr(demo, "tiny_backbones", drawing_backbones)
+    again, other = projector(tmp_path / "b", seed=1), projector(tmp_path / "c", seed=2)
+    assert first.keys() == again.keys() and len(first) == 2  # its two linear layers (biases start at 0)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not any(torch.equal(first[k], other[k]) for k in first)

@@ -155,13 +155,14 @@ def packaged_demo_backbones(folder: Path) -> tuple[Path, Path]:
 
 def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
     """A valign checkpoint assembled from the demo's backbones (a fresh projector), the starting point of stage 0."""
-    torch.manual_seed(sizes.seed)
     if sizes.backbones == "tiny":
-        vision, text = tiny_backbones(folder / "backbones", sizes)
-        model, processor = from_backbones(str(vision), str(text))
+        (vision, text), shuffle = tiny_backbones(folder / "backbones", sizes), 1
     else:
-        vision, text = packaged_demo_backbones(folder / "backbones")
-        model, processor = from_backbones(str(vision), str(text), pixel_shuffle_factor=PACKAGED_PIXEL_SHUFFLE)
+        (vision, text), shuffle = packaged_demo_backbones(folder / "backbones"), PACKAGED_PIXEL_SHUFFLE
+    # Seeded here, after the backbones: making them draws random numbers (the tiny ones, or a first conversion of
+    # the packaged ones) that would otherwise decide the projector instead of the seed.
+    torch.manual_seed(sizes.seed)
+    model, processor = from_backbones(str(vision), str(text), pixel_shuffle_factor=shuffle)
     return save_checkpoint(model, processor, folder / "init")
 
 
