@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import shape_image
 from test_attention import reference_allowed
-from test_training import data_root, stage, weights  # noqa: F401  (data_root is a fixture)
+from test_training import assert_trained_alike, data_root, stage, weights  # noqa: F401  (data_root is a fixture)
 
 from valign.modeling_valign import IGNORE_INDEX, build_attention_mask, document_ids_of
 from valign.train.collator import ConversationCollator, pack_rows
@@ -156,5 +156,4 @@ def test_packed_stage_trains_to_the_same_weights(checkpoint, data_root, tmp_path
             stage("s", max_steps=3, packing=packing, max_length=256), checkpoint, tmp_path / str(packing), data_root
         )
     padded, packed = weights(tmp_path / "False"), weights(tmp_path / "True")
-    for name in padded:
-        torch.testing.assert_close(packed[name], padded[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_trained_alike(packed, padded)

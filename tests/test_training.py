@@ -134,6 +134,17 @@ def weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / "model.safetensors")
 
 
+def assert_trained_alike(trained: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """The weights two equivalent training runs reach, equal to float tolerance; the vision tower's key biases
+    aside: without rotary positions their exact gradient is 0 (a key bias adds q·b to a whole row of scores, which
+    softmax ignores), so AdamW turns rounding noise, whose sign depends on the order of summation, into steps of
+    about the learning rate."""
+    assert trained.keys() == reference.keys()
+    for name in reference:
+        if not (name.startswith("model.vision_tower.") and name.endswith("k_proj.bias")):
+            torch.testing.assert_close(trained[name], reference[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def write_recipe(folder: Path, *configs: StageConfig) -> Path:
     folder.mkdir()
     for index, config in enumerate(configs):
@@ -225,8 +236,7 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(checkpoint,
     run_stage(single, checkpoint, tmp_path / "single", data_root)
     ddp, one = weights(tmp_path / "ddp"), weights(tmp_path / "single")
     assert any(not torch.equal(ddp[n], weights(checkpoint)[n]) for n in ddp)
-    for name in one:
-        torch.testing.assert_close(ddp[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_trained_alike(ddp, one)
 
 
 hub = loopback_hub  # the fixture, under a short name
