@@ -24,6 +24,7 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime
@@ -36,7 +37,6 @@ from harness import (
     device,
     machine_description,
     matmul_flops_per_second,
-    median_time,
     replace_section,
     synchronize,
     weight_stream_rate,
@@ -76,11 +76,9 @@ def prompt_inputs(config: ValignConfig, batch: int, dtype: torch.dtype) -> dict[
 
 def measure_torch(model, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
     """Median time to the first token and per decode step over `repeats` greedy generations (after a warm-up)."""
-    first, step = [], []
-    for index in range(repeats + 1):
-        clock = TokenClock()
-        synchronize()
-        start = time.perf_counter()
+    clock = TokenClock()
+
+    def generate() -> None:
         model.generate(
             **inputs,
             max_new_tokens=new_tokens,
@@ -88,18 +86,42 @@ def measure_torch(model, inputs: dict, new_tokens: int, repeats: int) -> dict[st
             do_sample=False,
             stopping_criteria=StoppingCriteriaList([clock]),
         )
+
+    return token_times(generate, clock, new_tokens, repeats)
+
+
+def measure_onnx(runtime: OnnxValign, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
+    """The same figures for the ONNX runtime, clocked after each decoder call (the first is the prefill)."""
+    runtime.generation_config.eos_token_id = None  # random weights: never stop early
+    clock, run = TokenClock(), runtime.decoder.run
+
+    def clocked_run(*args, **kwargs):
+        outputs = run(*args, **kwargs)
+        clock.times.append(time.perf_counter())
+        return outputs
+
+    runtime.decoder.run = clocked_run
+    try:
+        return token_times(lambda: runtime.generate(**inputs, max_new_tokens=new_tokens), clock, new_tokens, repeats)
+    finally:
+        runtime.decoder.run = run
+
+
+def token_times(generate: Callable[[], object], clock: TokenClock, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Median time to the first token and per decode step, read off `clock` within each of `repeats` generations
+    (after a warm-up): within one call, so the prefill's run-to-run variation does not leak into the decode step."""
+    first, step = [], []
+    for index in range(repeats + 1):
+        clock.times.clear()
+        synchronize()
+        start = time.perf_counter()
+        generate()
+        if len(clock.times) != new_tokens:
+            raise RuntimeError(f"expected {new_tokens} new tokens, clocked {len(clock.times)}")
         if index:  # the first call warms up
             first.append(clock.times[0] - start)
             step.append((clock.times[-1] - clock.times[0]) / (new_tokens - 1))
     return {"first_token_s": statistics.median(first), "decode_s": statistics.median(step)}
-
-
-def measure_onnx(runtime: OnnxValign, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
-    """The same figures for the ONNX runtime: a 1-token generation is the first token, the rest is decoding."""
-    runtime.generation_config.eos_token_id = None  # random weights: never stop early
-    one = median_time(lambda: runtime.generate(**inputs, max_new_tokens=1), repeats)
-    whole = median_time(lambda: runtime.generate(**inputs, max_new_tokens=new_tokens), repeats)
-    return {"first_token_s": one, "decode_s": (whole - one) / (new_tokens - 1)}
 
 
 def onnx_decode_bytes(folder: Path, config: ValignConfig) -> int:
