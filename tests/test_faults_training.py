@@ -21,7 +21,7 @@ import valign.train.trainer as trainer_module
 from valign.data.synthetic import make_caption_dataset, write_parquet
 from valign.train.__main__ import main
 from valign.train.config import StageConfig
-from valign.train.fingerprint import CHECKPOINTS, FILE, checkpoints, is_finished, read_fingerprint
+from valign.train.fingerprint import CHECKPOINTS, FILE, checkpoints, differences, is_finished, read_fingerprint
 from valign.train.run import run_recipe, run_stage, stage_fingerprint
 
 
@@ -169,6 +169,18 @@ def test_a_recipe_keeps_only_a_finished_stage_of_the_same_run(checkpoint, data_r
     result = run_recipe(recipe, checkpoint, out, data_root, resume=True)[0]
     assert result.skip_report != "kept" and (out / "s" / "model.safetensors").read_bytes() == finished
     assert is_finished(out / "s", stage_fingerprint(stage(max_steps=2), checkpoint, data_root))
+
+
+def test_precision_auto_trained_on_another_machine_kind_is_another_run(checkpoint, data_root, monkeypatch):
+    """`auto` trains in bf16 where the CPU computes it natively and in fp32 elsewhere: the fingerprints differ and
+    say so; an explicit precision is the same run on both."""
+    fingerprints = {}
+    for native in (False, True):
+        monkeypatch.setattr("valign.train.run.native_bf16", lambda device="cpu", native=native: native)
+        fingerprints[native] = [stage_fingerprint(stage(precision=p), checkpoint, data_root) for p in ("auto", "fp32")]
+    (auto_fp32, fp32_there), (auto_bf16, fp32_here) = fingerprints[False], fingerprints[True]
+    assert differences(auto_fp32, auto_bf16) == ['config precision: "fp32" there, "bf16" now']
+    assert differences(fp32_there, fp32_here) == [] and differences(auto_fp32, fp32_here) == []
 
 
 @pytest.mark.parametrize("name", ["../x", "../../x", "a/b", "/tmp/x", "..", ".", "", "a\\b"])

@@ -26,7 +26,7 @@ from typing import Any
 
 from .config import StageConfig
 from .demo import DemoResult, DemoSizes, run_demo
-from .run import recipe_stages, resolve_precision
+from .run import as_trained_here, recipe_stages
 from .trainer import read_training_log
 
 SEEDS = (0, 1, 2)
@@ -99,10 +99,9 @@ RUN_RECORD = "run.json"
 
 
 def run_identity(arm: Arm, sizes: DemoSizes) -> dict[str, Any]:
-    """What makes two runs the same: the arm, the demo's sizes (seed included), the recipe's stage files and the
-    precision each stage trains in here (`auto` means bf16 on one machine and fp32 on another)."""
-    configs = [StageConfig.from_yaml(path) for path in recipe_stages(sizes.recipe)]
-    stages = [c.to_dict() | {"trained_in": resolve_precision(c.precision)} for c in configs]
+    """What makes two runs the same: the arm, the demo's sizes (seed included) and the recipe's stage files, with
+    the precision each stage trains in here (as the stages' own fingerprints have it)."""
+    stages = [as_trained_here(StageConfig.from_yaml(path)).to_dict() for path in recipe_stages(sizes.recipe)]
     identity = {"arm": dataclasses.asdict(arm), "sizes": vars(sizes), "stages": stages}
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json (tuples become lists)
 

@@ -3,6 +3,7 @@
 A run's fingerprint has three parts:
 - `config`: the stage config (`StageConfig.to_dict`) without `CADENCE_FIELDS`, which change only how often the run
   saves and logs, not its weights: a resume may save more often than the run it continues.
+  Its `precision` is the one the stage trains in (`auto` resolved by `train/run.py`'s `stage_fingerprint`).
 - `data`: per data source, for a local file or folder the size and modification time (ns) of each data file (the
   key `datasets` itself uses to decide whether a local file's rows are read again); None for a Hub id. Neither a
   content hash (local data runs to tens of GB, read again at every start) nor the path (a data or run folder moved

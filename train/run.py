@@ -120,7 +120,14 @@ def stage_fingerprint(
     config: StageConfig, init_from: str | Path, data_root: Path | None, revision: str | None = None
 ) -> Fingerprint:
     """The fingerprint of training `config` from `init_from` (see `train/fingerprint.py`)."""
-    return run_fingerprint(config, [resolve_source(d.source, data_root) for d in config.data], init_from, revision)
+    sources = [resolve_source(d.source, data_root) for d in config.data]
+    return run_fingerprint(as_trained_here(config), sources, init_from, revision)
+
+
+def as_trained_here(config: StageConfig) -> StageConfig:
+    """`config` with the precision it trains in on this machine: `auto` is bf16 on one and fp32 on another, and
+    the two are different runs (a stage finished in one is neither kept nor resumed in the other)."""
+    return dataclasses.replace(config, precision=resolve_precision(config.precision))
 
 
 def warmup_argument(ratio: float) -> dict[str, float]:
