@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -23,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .configuration_valign import ATTN_MODES, CACHE_NAME, ValignConfig, cache_argument
 
 # Kernels that take no arbitrary 4D mask: they would silently drop the image-bidirectional pattern.
-KERNELS_WITHOUT_CUSTOM_MASKS = ("flash_attention_2", "flash_attention_3", "flex_attention")
+KERNELS_WITHOUT_CUSTOM_MASKS = ("flash_attention_2", "flash_attention_3")
 IGNORE_INDEX = -100
 
 
@@ -41,6 +43,59 @@ def document_ids_of(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids == 0).long().cumsum(-1)
 
 
+MaskRule = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def attention_rule(
+    key_is_real: torch.Tensor,
+    image_ids: torch.Tensor | None,
+    document_ids: torch.Tensor | None,
+    mode: str,
+    past_length: int,
+) -> MaskRule:
+    """valign's attention policy as a flex-attention `mask_mod`: whether query `q_idx` of row `b` may see key `kv_idx`.
+
+    Query indices count within the current chunk, key indices over the cache and the chunk. Built on per-token
+    tensors only, so it renders both as a dense mask (broadcast index grids) and as a `BlockMask` (flex's vmap).
+
+    Args:
+        key_is_real: `(batch, past_length + q)` bool, False at padding.
+        image_ids: `(batch, past_length + q)` index of the image each key belongs to (-1: text, and every cached
+            key), or None outside hybrid mode.
+        document_ids: `(batch, q)` packed sample of each token (no KV cache), or None when a row holds one sample.
+    """
+
+    def allowed(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        query = q_idx + past_length
+        visible = key_is_real[b, kv_idx]
+        if mode != "bidirectional":
+            order = kv_idx <= query
+            if image_ids is not None:  # the patch tokens of one image see each other both ways
+                query_image = image_ids[b, query]
+                order = order | ((query_image >= 0) & (query_image == image_ids[b, kv_idx]))
+            visible = visible & order
+        if document_ids is not None:  # packed samples never see each other
+            visible = visible & (document_ids[b, q_idx] == document_ids[b, kv_idx])
+        # A padding query row must see something, or softmax over a fully blocked row gives NaN.
+        return visible | (kv_idx == query)
+
+    return allowed
+
+
+def dense_mask(rule: MaskRule, batch: int, q: int, kv: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """`rule` as a `(batch, 1, q, kv)` additive float mask (sdpa, eager): 0 where allowed, the dtype's minimum
+    where blocked."""
+    b = torch.arange(batch, device=device)[:, None, None]
+    allowed = rule(b, None, torch.arange(q, device=device)[None, :, None], torch.arange(kv, device=device)[None, None])
+    blocked = torch.finfo(dtype).min
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)[:, None]
+
+
+def block_mask(rule: MaskRule, batch: int, q: int, kv: int, device) -> BlockMask:
+    """`rule` as flex attention's `BlockMask`, which skips fully blocked blocks (other packed samples, padding)."""
+    return create_block_mask(rule, batch, None, q, kv, device=device)
+
+
 def build_attention_mask(
     attention_mask: torch.Tensor | None,
     image_mask: torch.Tensor | None,
@@ -49,8 +104,9 @@ def build_attention_mask(
     image_seq_length: int,
     dtype: torch.dtype,
     document_ids: torch.Tensor | None = None,
-) -> torch.Tensor | None:
-    """The attention policy of valign, and the only place it is defined.
+    kernel: str = "sdpa",
+) -> torch.Tensor | BlockMask | None:
+    """The attention mask valign hands the language model (its policy is `attention_rule`).
 
     Args:
         attention_mask: `(batch, past_length + q)` padding mask, 1 for real tokens, or None (nothing padded).
@@ -59,11 +115,13 @@ def build_attention_mask(
         past_length: number of tokens already in the KV cache (they are never image tokens of this chunk).
         document_ids: `(batch, q)` index of the packed sample of each token (no KV cache), or None when every row
             holds one sample. Tokens attend only within their own sample, in every mode.
+        kernel: the language model's attention implementation: "flex_attention" gets a `BlockMask`, any other a
+            dense mask.
 
     Returns:
         The 2D padding mask unchanged when the result is plain causal attention (the decoder builds it, with any
-        attention kernel), else a `(batch, 1, q, past_length + q)` additive float mask: 0 where attention is
-        allowed, the dtype's minimum where it is blocked.
+        attention kernel), else a `BlockMask` for flex attention or a `(batch, 1, q, past_length + q)` additive
+        float mask: 0 where attention is allowed, the dtype's minimum where it is blocked.
     """
     if document_ids is None and (mode == "causal" or (mode == "hybrid" and image_mask is None)):
         return attention_mask
@@ -72,24 +130,13 @@ def build_attention_mask(
     kv = past_length + q
     if attention_mask is None:
         attention_mask = torch.ones(batch, kv, dtype=torch.bool, device=device)
-    key_is_real = attention_mask.bool()[:, None, :]
-    query_pos = torch.arange(past_length, kv, device=device)[:, None]
-    key_pos = torch.arange(kv, device=device)[None, :]
-    if mode == "bidirectional":
-        allowed = key_is_real.expand(batch, q, kv)
-    elif mode == "hybrid" and image_mask is not None:
-        image_ids = image_ids_of(image_mask, image_seq_length)
-        key_image_ids = nn.functional.pad(image_ids, (past_length, 0), value=-1)
-        same_image = (image_ids[:, :, None] >= 0) & (image_ids[:, :, None] == key_image_ids[:, None, :])
-        allowed = ((key_pos <= query_pos) | same_image) & key_is_real
-    else:
-        allowed = (key_pos <= query_pos) & key_is_real
-    if document_ids is not None:
-        allowed = allowed & (document_ids[:, :, None] == document_ids[:, None, :])
-    # A padding query row must see something, or softmax over a fully blocked row gives NaN.
-    allowed = allowed | (key_pos == query_pos)
-    blocked = torch.finfo(dtype).min
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, blocked)[:, None]
+    image_ids = None
+    if mode == "hybrid" and image_mask is not None:
+        image_ids = nn.functional.pad(image_ids_of(image_mask, image_seq_length), (past_length, 0), value=-1)
+    rule = attention_rule(attention_mask.bool(), image_ids, document_ids, mode, past_length)
+    if kernel == "flex_attention":
+        return block_mask(rule, batch, q, kv, device)
+    return dense_mask(rule, batch, q, kv, dtype, device)
 
 
 def positions_from_padding(attention_mask: torch.Tensor | None, batch: int, q: int, past_length: int, device):
@@ -219,6 +266,7 @@ class ValignPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True  # causal mode only; hybrid and bidirectional refuse it in forward
+    _supports_flex_attn = True  # every mode: the mask is rendered as a BlockMask (build_attention_mask)
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -318,10 +366,11 @@ class ValignModel(ValignPreTrainedModel):
         samples (padding-free position ids, no attention mask) stay apart. Refuses a kernel that would ignore it."""
         mode = attn_mode or self.config.attn_mode
         document_ids = packed_document_ids(position_ids, attention_mask, past_length)
+        kernel = self.config.text_config._attn_implementation
         mask = build_attention_mask(
-            attention_mask, image_mask, mode, past_length, self.config.image_seq_length, dtype, document_ids
+            attention_mask, image_mask, mode, past_length, self.config.image_seq_length, dtype, document_ids, kernel
         )
-        if mask is not None and mask.ndim == 4:
+        if mask is not None and len(mask.shape) == 4:
             self._check_attn_implementation(mode, packed=document_ids is not None)
         return mask
 

@@ -151,7 +151,7 @@ def test_left_padding_does_not_change_a_row(model_and_processor):
     torch.testing.assert_close(batched[-length:], single, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel", ["flash_attention_2", "flex_attention"])
+@pytest.mark.parametrize("kernel", ["flash_attention_2", "flash_attention_3"])
 def test_kernels_without_custom_masks_are_refused(model_and_processor, kernel):
     model, processor = model_and_processor
     batch = processor(images=[shape_image("red")], text=prompts(processor, ["Describe."]))

@@ -4,6 +4,7 @@
                                                         logits, input ids and pixels for a fixed left-padded batch
     python crossload.py generate FOLDER OUT.json        greedy continuations of that batch with `generate`
     python crossload.py pipeline FOLDER OUT.json        the image-text-to-text pipeline, one chat and a batch of two
+    python crossload.py flex FOLDER OUT.safetensors     that batch's logits with sdpa and with flex attention
     python crossload.py build FOLDER                    build and save a tiny checkpoint with this major
     python crossload.py real-shapes SPEC.json           build checkpoints from backbones shaped like the real ones
                                                         and report on them, then load and report on other folders
@@ -59,6 +60,17 @@ def score(folder: str, out: str, revision: str | None = None) -> None:
     with torch.no_grad():
         logits = model(**batch).logits
     save_file({"logits": logits.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, out)
+
+
+def flex(folder: str, out: str) -> None:
+    torch._dynamo.config.automatic_dynamic_shapes = False  # torch's CPU flex template fails with dynamic shapes
+    logits = {}
+    for kernel in ("sdpa", "flex_attention"):
+        model = AUTO_MODEL.from_pretrained(folder, trust_remote_code=True, attn_implementation=kernel).eval()
+        batch = fixed_batch(transformers.AutoProcessor.from_pretrained(folder, trust_remote_code=True))
+        with torch.no_grad():
+            logits[kernel] = model(**batch).logits.contiguous()
+    save_file({**logits, "attention_mask": batch["attention_mask"].contiguous()}, out)
 
 
 def generate(folder: str, out: str) -> None:
@@ -142,6 +154,13 @@ def build(folder: str) -> None:
 
 if __name__ == "__main__":
     command, *args = sys.argv[1:]
-    commands = {"score": score, "generate": generate, "pipeline": pipeline, "build": build, "real-shapes": real_shapes}
+    commands = {
+        "score": score,
+        "flex": flex,
+        "generate": generate,
+        "pipeline": pipeline,
+        "build": build,
+        "real-shapes": real_shapes,
+    }
     commands[command](*args)
     print(transformers.__version__)
