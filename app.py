@@ -1,7 +1,7 @@
 """valign's demo app (Gradio): caption an image, or ask a question about it.
 
     python -m valign.app [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
-                         [--trust-remote-code] [--runtime auto|torch|onnx]
+                         [--trust-remote-code] [--runtime auto|torch|onnx] [--precision auto|fp32|bf16]
 
 A question is sent with the short-answer instruction the recipe trains VQA with (`--no-instruction`: alone); an
 empty question asks for a caption.
@@ -34,7 +34,7 @@ from valign.checkpoint import save_checkpoint
 from valign.cli import default_model
 from valign.data.prompts import CAPTION_PROMPT, vqa_prompt
 from valign.eval.generate import DecodingSettings, PromptTooLongError, generate_answers
-from valign.export.runtime import RUNTIMES, load_for_generation
+from valign.export.runtime import PRECISIONS, RUNTIMES, load_for_generation
 from valign.processing_valign import load_image
 
 # gradio reads this whenever it would send usage analytics or check PyPI for a newer version: never, here.
@@ -122,6 +122,7 @@ def parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", help="load with the checkpoint's own Python files (they run here)"
     )
     cli.add_argument("--runtime", choices=RUNTIMES, default="auto", help="as for `valign caption` (default: auto)")
+    cli.add_argument("--precision", choices=PRECISIONS, default="auto", help="as for `valign caption` (default: auto)")
     cli.add_argument("--host", help="address to listen on (default: gradio's, 127.0.0.1)")
     cli.add_argument("--port", type=int, help="port (default: gradio's, 7860)")
     cli.add_argument("--max-new-tokens", type=int, default=40)
@@ -134,7 +135,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
     name = resolve_model(args.model)
-    model, processor, runtime = load_for_generation(name, args.revision, args.runtime, args.trust_remote_code)
+    model, processor, runtime = load_for_generation(
+        name, args.revision, args.runtime, args.trust_remote_code, args.precision
+    )
     print(f"valign app: model {name} on {runtime}", flush=True)
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=1)
     app = build_app(model, processor, settings, instruction=not args.no_instruction)

@@ -2,14 +2,16 @@
 
     valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
     valign ask IMAGE "QUESTION" [--no-instruction] [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
-    (both: [--revision REV] [--trust-remote-code] [--runtime auto|torch|onnx])
+    (both: [--revision REV] [--trust-remote-code] [--runtime auto|torch|onnx] [--precision auto|fp32|bf16])
     valign export CHECKPOINT [FOLDER] [--weights fp32|int8|int4] [--revision REV]
 
 `export` writes the model as ONNX graphs run by onnxruntime (`export/onnx_runtime.py`), into FOLDER or, without
 one, into valign's cache, where `--runtime auto` (the default) finds it. `auto` picks the fastest runtime that
 decodes the same tokens (`export/runtime.py`): an export given as `--model` or cached for the checkpoint runs on
 onnxruntime on a CPU without native bf16; PyTorch otherwise (bf16 on a CPU that computes it natively).
-`--runtime onnx` with a checkpoint exports it into the cache on first use. The ONNX runtime decodes greedily only.
+`--runtime onnx` with a checkpoint exports it into the cache on first use. The ONNX runtime decodes greedily only,
+in fp32; `--precision fp32` makes PyTorch compute in fp32 too where `auto` would take bf16, for captions that must
+match the export's or another machine's token for token (bf16 rounding can tip a near tie between two tokens).
 
 `ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
 `--no-instruction` sends the question alone.
@@ -55,7 +57,7 @@ from .checkpoint import is_local
 from .data.prompts import CAPTION_PROMPT, vqa_prompt
 from .eval.generate import DecodingSettings, PromptTooLongError, generate_answers
 from .export.onnx_runtime import export_onnx
-from .export.runtime import RUNTIMES, checkpoint_folder, ensure_export, load_for_generation
+from .export.runtime import PRECISIONS, RUNTIMES, checkpoint_folder, ensure_export, load_for_generation
 from .processing_valign import load_image
 
 DEMO_CHECKPOINT = Path("outputs") / "demo" / "stages" / "stage-3"
@@ -137,6 +139,12 @@ def parser() -> argparse.ArgumentParser:
             "onnx: exports the checkpoint into the cache on first use",
         )
         command.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default="auto",
+            help="what PyTorch computes in; auto: bf16 on a GPU or a CPU with native bf16, else as saved (fp32)",
+        )
+        command.add_argument(
             "--model", help=f"checkpoint folder or Hub repo id (default: ${MODEL_VARIABLE}, else {DEMO_CHECKPOINT})"
         )
         command.add_argument("--revision", help="Hub branch, tag or commit")
@@ -184,7 +192,9 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UsageError(str(error)) from error
     kind = "local folder" if is_local(name) else "Hub repo id"
     try:
-        model, processor, _ = load_for_generation(name, args.revision, args.runtime, args.trust_remote_code)
+        model, processor, _ = load_for_generation(
+            name, args.revision, args.runtime, args.trust_remote_code, args.precision
+        )
         return model, processor
     except Exception as error:  # missing folder, unknown repo, not a valign checkpoint, broken weights
         raise UsageError(f"cannot load the model {name} ({kind}): {error}") from error

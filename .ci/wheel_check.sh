@@ -37,12 +37,13 @@ EOF
 "$venv/bin/python" -m valign.eval vqa --model outputs/demo/stages/stage-3 --dataset easy-vqa --limit 8 \
   --output eval/vqa.json
 "$venv/bin/python" -c 'from PIL import Image; Image.new("RGB", (64, 64), (220, 30, 30)).save("red.png")'
-"$venv/bin/valign" caption red.png --json --runtime torch > torch.jsonl
-# The demo's checkpoint as ONNX graphs: onnxruntime must caption as PyTorch does, from a folder and from the cache.
+# The demo's checkpoint as ONNX graphs: onnxruntime must caption as PyTorch does in fp32 (the export's precision;
+# `auto` would compute in bf16 on a CPU with native bf16), from a folder and from the cache.
+"$venv/bin/valign" caption red.png --json --runtime torch --precision fp32 > torch.jsonl
 "$venv/bin/valign" export outputs/demo/stages/stage-3 onnx
 "$venv/bin/valign" caption red.png --json --model onnx > onnx.jsonl
 cached=$("$venv/bin/valign" export outputs/demo/stages/stage-3 --json | "$venv/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["folder"])')
-"$venv/bin/valign" caption red.png --json --runtime onnx > cached.jsonl
+"$venv/bin/valign" caption red.png --json --runtime onnx --precision fp32 > cached.jsonl
 rm -rf "$cached"  # the cache is the machine's, not this check's
 cmp torch.jsonl onnx.jsonl
 cmp torch.jsonl cached.jsonl

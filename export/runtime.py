@@ -1,5 +1,5 @@
-"""Which runtime generates for a checkpoint: the fastest one that decodes the same tokens, chosen in one place for
-the `valign` command, the app and Python users (`load_for_generation`).
+"""Which runtime generates for a checkpoint, and in which precision: the fastest one for the precision asked, chosen
+in one place for the `valign` command, the app and Python users (`load_for_generation`).
 
 `auto` (the default) takes, in order:
 
@@ -8,6 +8,11 @@ the `valign` command, the app and Python users (`load_for_generation`).
 - a CPU without native bf16 (e.g. AVX2 only), when the checkpoint's fp32 export is in the cache: onnxruntime, which
   runs at the weight-streaming floor there while eager PyTorch decodes 1.8x slower (BENCHMARKS.md);
 - else PyTorch, as saved.
+
+`precision` (`auto`, `fp32`, `bf16`) says what PyTorch computes in: `auto` is bf16 on a GPU or a CPU with native
+bf16 and the checkpoint's saved dtype elsewhere. bf16 may decode other tokens than fp32 (its rounding can tip a
+near tie between two tokens), so `fp32` is there for output that must match the ONNX export or another machine;
+with `fp32`, `auto` picks the runtime as on a CPU without native bf16. The ONNX export computes in fp32 only.
 
 Exporting takes minutes at the paper's shape, more than one caption saves, so `auto` never exports by itself:
 `valign export CHECKPOINT` (no folder) writes the export into the cache once, and `--runtime onnx` given a checkpoint
@@ -31,6 +36,7 @@ from ..checkpoint import checkpoint_location, is_local, load_checkpoint, native_
 from .onnx_runtime import EXPORT_FORMAT, MANIFEST_FILE, OnnxValign, export_onnx
 
 RUNTIMES = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def is_export(folder: str | Path) -> bool:
@@ -70,21 +76,34 @@ def ensure_export(checkpoint: Path, weights: str = "fp32") -> Path:
     return folder
 
 
-def choose_runtime(requested: str, checkpoint: Path) -> str:
+def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto") -> str:
     """`torch` or `onnx` for `requested` (one of RUNTIMES) and the checkpoint in local folder `checkpoint`."""
     if requested not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if requested != "auto":
         return requested
     if is_export(checkpoint):
         return "onnx"
-    if torch.cuda.is_available() or native_bf16("cpu"):
+    if torch.cuda.is_available() or precision == "bf16" or (precision == "auto" and native_bf16("cpu")):
         return "torch"
     return "onnx" if is_export(cached_export(checkpoint)) else "torch"
 
 
+def torch_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The dtype PyTorch loads the weights in; None keeps the saved one (fp32 for valign's own checkpoints)."""
+    if precision == "auto":  # emulated bf16 (a CPU without AVX512-BF16 or AMX) is slower than fp32
+        return torch.bfloat16 if native_bf16(device) else None
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def load_for_generation(
-    name: str | Path, revision: str | None = None, runtime: str = "auto", trust_remote_code: bool = False
+    name: str | Path,
+    revision: str | None = None,
+    runtime: str = "auto",
+    trust_remote_code: bool = False,
+    precision: str = "auto",
 ) -> tuple[Any, Any, str]:
     """(model, processor, runtime used) for generating with the checkpoint or export `name` (folder or Hub id).
 
@@ -92,13 +111,15 @@ def load_for_generation(
     a checkpoint runs its cached fp32 export, exporting it first when missing.
     """
     folder = checkpoint_folder(name, revision)
-    used = choose_runtime(runtime, folder)
+    used = choose_runtime(runtime, folder, precision)
     if used == "onnx":
+        if precision == "bf16":
+            raise ValueError("the ONNX runtime computes in fp32: use precision fp32 or auto, or the torch runtime")
         model = OnnxValign(folder if is_export(folder) else ensure_export(folder))
         return model, model.processor(), used
     if is_export(folder):
         raise ValueError(f"{name} is an ONNX export: run it with the onnx runtime, or give its checkpoint")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if native_bf16(device) else None  # elsewhere as saved (fp32): emulated bf16 is slower
+    dtype = torch_dtype(precision, device)
     model, processor = load_checkpoint(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     return model, processor, used

@@ -113,6 +113,14 @@ def test_auto_takes_bf16_pytorch_where_the_cpu_computes_bf16(exported: Path, own
     monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": True)
     model, _, used = load_for_generation(own_checkpoint)
     assert used == "torch" and model.dtype == torch.bfloat16
+    # Asked for fp32 (to match the export token for token), auto picks as on a CPU without native bf16.
+    assert load_for_generation(own_checkpoint, precision="fp32")[2] == "onnx"
+    model, _, used = load_for_generation(own_checkpoint, runtime="torch", precision="fp32")
+    assert used == "torch" and model.dtype == torch.float32
+    with pytest.raises(ValueError, match="ONNX runtime computes in fp32"):
+        load_for_generation(own_checkpoint, runtime="onnx", precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        load_for_generation(own_checkpoint, precision="fp16")
 
 
 def test_an_export_given_as_the_model_runs_on_onnxruntime_only(exported: Path):
