@@ -1,0 +1,248 @@
+"""Training on multi-turn image conversations: padded vs packed rows, sdpa vs flex attention (#16 items 2 and 5).
+
+    .venv/bin/python bench/packing.py                  # the embedded default's shape, on whatever device there is
+    .venv/bin/python bench/packing.py --shape paper    # SigLIP so400m + Qwen2.5-0.5B; the GPU benchmark (bf16)
+
+Each variant trains the same samples in the same order (stage 2: everything trains, forward + backward + AdamW;
+random weights), the variants taking turns step by step so a slow moment of a shared machine hits all alike.
+Reported per variant: useful (non-padding) and supervised tokens per second, as medians of per-step rates, and
+model FLOP utilisation: the FLOPs torch's counter finds in the packed step (the work the samples need; the counter
+has no formula for CPU attention kernels, so attention is left out on CPU) over each step's time, against the
+machine's warm best-of matmul rate and, on a GPU whose datasheet peak is known, against that peak. The packed /
+padded speed-up is the median of per-round paired ratios. Flex attention runs where torch can train with it: on
+CUDA (torch 2.13 has no flex backward on CPU). The section between the `packing` markers of BENCHMARKS.md is
+rewritten.
+
+The workload (`conversations`): every sample has one image and 1 + Geometric(0.45) turns (at most 8), questions
+of 5-30 words and answers of log-normal length (median 30 words, sigma 1), text capped at 1,500 tokens: the shape
+the issue describes for LLaVA-NeXT-Data (one image, several turns, 50-1,500 text tokens; its own length statistics
+cannot be read offline). Answer lengths of chat data are heavy-tailed, which is what makes padding costly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import platform
+import random
+import statistics
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from harness import count_flops, device, machine_description, matmul_flops_per_second, replace_section, synchronize
+from PIL import Image
+from run import REPO, Shape, interleaved, shapes, supervised_tokens, to_device, useful_tokens
+from transformers.utils import logging as hf_logging
+
+from valign import ValignForConditionalGeneration
+from valign.processing_valign import ValignProcessor
+from valign.train.assembly import prepare_tokenizer
+from valign.train.backbones import image_processor_class, train_tokenizer
+from valign.train.collator import ConversationCollator
+from valign.train.demo import DemoSizes, demo_corpus
+
+MAX_TEXT_TOKENS = 1500
+# Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), by a word of the device name.
+GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+@dataclass
+class Variant:
+    label: str
+    kernel: str
+    packing: bool
+
+
+def conversations(count: int, words: list[str], image, seed: int = 0) -> list[dict]:
+    """`count` multi-turn samples in the collator's format, of uneven length (see the module docstring)."""
+    rng = random.Random(seed)
+
+    def text(length: int) -> str:
+        return " ".join(rng.choices(words, k=max(1, length)))
+
+    samples = []
+    for index in range(count):
+        turns, budget, messages = min(8, 1 + int(math.log(rng.random()) / math.log(0.55))), MAX_TEXT_TOKENS, []
+        for turn in range(turns):
+            question, answer = rng.randint(5, 30), round(rng.lognormvariate(math.log(30), 1.0))
+            answer = min(answer, budget - question)
+            if answer < 1:
+                break
+            budget -= question + answer
+            content = ([{"type": "image"}] if turn == 0 else []) + [{"type": "text", "text": text(question)}]
+            messages += [
+                {"role": "user", "content": content},
+                {"role": "assistant", "content": [{"type": "text", "text": text(answer)}]},
+            ]
+        samples.append({"id": f"c{index}", "image": image, "messages": messages})
+    return samples
+
+
+def build_processor(shape: Shape, tokenizer) -> tuple[ValignProcessor, object]:
+    config = shape.config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"))
+    size = config.image_size
+    processor = ValignProcessor(
+        image_processor=image_processor_class()(size={"height": size, "width": size}),
+        tokenizer=tokenizer,
+        image_seq_length=config.image_seq_length,
+        vision_start_token="<|vision_start|>",
+        vision_end_token="<|vision_end|>",
+    )
+    return processor, config
+
+
+def batches(processor, samples: list[dict], batch_size: int, max_length: int) -> dict[bool, list[dict]]:
+    groups = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    return {
+        packing: [to_device(ConversationCollator(processor, max_length, packing=packing)(g)) for g in groups]
+        for packing in (False, True)
+    }
+
+
+def train(config, data: dict[bool, list[dict]], variants: list[Variant], shape: Shape) -> dict[str, dict]:
+    """Seconds of each variant's steps (one warm-up step each, then taking turns), and the packed step's FLOPs."""
+    models = {}
+    for kernel in sorted({v.kernel for v in variants}):
+        kernel_config = copy.deepcopy(config)
+        kernel_config.text_config._attn_implementation = kernel  # the vision tower keeps sdpa
+        torch.manual_seed(0)  # the same weights for every kernel
+        models[kernel] = ValignForConditionalGeneration(kernel_config).to(device()).train()
+    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in models.items()}
+    autocast = torch.autocast(device().type, dtype=shape.dtype, enabled=shape.dtype != torch.float32)
+
+    def forward_backward(variant: Variant, index: int) -> torch.Tensor:
+        with autocast:
+            loss = models[variant.kernel](**data[variant.packing][index], attn_mode="hybrid").loss
+        loss.backward()
+        return loss.detach()
+
+    def step(variant: Variant, index: int) -> None:
+        forward_backward(variant, index)
+        optimizers[variant.kernel].step()
+        optimizers[variant.kernel].zero_grad(set_to_none=True)
+        synchronize()
+
+    agreement = first_batch_agreement(variants, forward_backward, models)
+    for variant in variants:
+        step(variant, 0)
+    seconds = interleaved({v.label: (lambda i, v=v: step(v, i + 1)) for v in variants}, len(data[False]) - 1)
+    packed = next(v for v in variants if v.packing)
+    flops = [count_flops(lambda i=i: forward_backward(packed, i)) for i in range(1, len(data[True]))]
+    for optimizer in optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+    return {"seconds": seconds, "flops": flops, "agreement": agreement}
+
+
+def first_batch_agreement(
+    variants: list[Variant], forward_backward: Callable[[Variant, int], torch.Tensor], models: dict
+) -> dict[str, float]:
+    """Largest loss and gradient differences between the variants on the first batch, before any step: packing
+    and the attention kernel must not change what is learnt (every kernel's model starts from the same weights)."""
+    results = []
+    for variant in variants:
+        model = models[variant.kernel]
+        model.zero_grad(set_to_none=True)
+        loss = float(forward_backward(variant, 0))
+        results.append((loss, {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}))
+        model.zero_grad(set_to_none=True)
+    (loss, grads), others = results[0], results[1:]
+    scale = max(g.abs().max().item() for g in grads.values())
+    return {
+        "loss": max((abs(other - loss) for other, _ in others), default=0.0),
+        "gradient": max((max((g[n] - grads[n]).abs().max().item() for n in grads) for _, g in others), default=0.0)
+        / scale,
+    }
+
+
+def gpu_peak() -> tuple[str, float] | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next(((word, peak * 1e12) for word, peak in GPU_PEAKS.items() if word in name), None)
+
+
+def report(shape: Shape, data, variants: list[Variant], result: dict, matmul: float, pad_id: int) -> str:
+    timed = {packing: batch[1:] for packing, batch in data.items()}
+    padded = timed[False]
+    slots = sum(b["input_ids"].numel() for b in padded)
+    padding = 1 - sum(useful_tokens(b, pad_id) for b in padded) / slots
+    lengths = [n for b in padded for n in b["attention_mask"].sum(1).tolist()]
+    peak = gpu_peak()
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} by `bench/packing.py --shape {shape.name}` on "
+        f"{machine_description()}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}; {shape.description}, {shape.dtype}, hybrid mask, stage 2 (everything trains), "
+        f"{len(padded)} timed steps of {shape.batch_size} samples after one warm-up step, random weights.",
+        "",
+        f"Samples: {len(lengths)} timed, {min(lengths)}-{max(lengths)} tokens "
+        f"(median {statistics.median(lengths):.0f}); "
+        f"padding is {padding:.0%} of the padded batches' token slots, packed rows hold "
+        f"{sum(b['input_ids'].numel() for b in timed[True])} slots for the same samples.",
+        "",
+        "| variant | s/step (median) | useful tokens/s | supervised tokens/s | model FLOP/s | of matmul rate |"
+        + (f" of {peak[0]} peak |" if peak else ""),
+        "|---|---|---|---|---|---|" + ("---|" if peak else ""),
+    ]
+    for variant in variants:
+        times = result["seconds"][variant.label]
+        batch = timed[variant.packing]
+        mfu = statistics.median(f / t for f, t in zip(result["flops"], times))
+        lines.append(
+            f"| {variant.label} | {statistics.median(times):.2f} | "
+            f"{statistics.median(useful_tokens(b, pad_id) / t for b, t in zip(batch, times)):,.0f} | "
+            f"{statistics.median(supervised_tokens(b) / t for b, t in zip(batch, times)):,.0f} | "
+            f"{mfu / 1e12:.3f} T | {mfu / matmul:.0%} |" + (f" {mfu / peak[1]:.1%} |" if peak else "")
+        )
+    lines.append("")
+    for kernel in sorted({v.kernel for v in variants}):
+        pad, pack = (result["seconds"][f"{kernel}, {'packed' if p else 'padded'}"] for p in (False, True))
+        ratio = statistics.median(a / b for a, b in zip(pad, pack))
+        lines.append(f"- {kernel}: packed rows train the same samples {ratio:.2f}× as fast as padded ones.")
+    agreement = result["agreement"]
+    lines.append(
+        f"- Same weights, first batch, every variant: losses within {agreement['loss']:.1e}, gradients within "
+        f"{agreement['gradient']:.1e} of the largest gradient entry."
+    )
+    if device().type == "cpu":
+        lines.append("- flex attention: not measured on CPU (torch has no flex backward there).")
+    lines.append(
+        f"- Matmul rate ({shape.dtype}, 2048², warm, best of 10) measured in the same run: {matmul / 1e12:.2f} TFLOP/s."
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=["small", "paper"], default="small")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    hf_logging.set_verbosity_error()
+    shape = shapes()[args.shape]
+    shape.batch_size = args.batch_size
+    tokenizer = prepare_tokenizer(train_tokenizer(demo_corpus(DemoSizes())), "<|image_pad|>")
+    processor, config = build_processor(shape, tokenizer)
+    words = sorted({w for line in demo_corpus(DemoSizes()) for w in line.split() if w.isalpha()})
+    image = Image.new("RGB", (config.image_size, config.image_size), (120, 80, 200))
+    samples = conversations(args.batch_size * (args.steps + 1), words, image)
+    max_length = processor.image_seq_length + MAX_TEXT_TOKENS + 256  # the template's tokens on top of the text
+    data = batches(processor, samples, args.batch_size, max_length)
+    kernels = ["sdpa"] + (["flex_attention"] if device().type == "cuda" else [])
+    variants = [Variant(f"{k}, {'packed' if p else 'padded'}", k, p) for k in kernels for p in (False, True)]
+    matmul = matmul_flops_per_second(shape.dtype)
+    result = train(config, data, variants, shape)
+    text = report(shape, data, variants, result, matmul, tokenizer.pad_token_id)
+    print("\n" + text)
+    replace_section(text, f"packing-{shape.name}", args.output)
+    print(f"\nwritten to {args.output}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

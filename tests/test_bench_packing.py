@@ -1,0 +1,61 @@
+"""bench/packing.py's workload: uneven multi-turn image conversations, the same samples padded and packed."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from collections import Counter
+
+import packing
+import torch
+from conftest import shape_image
+
+from valign.modeling_valign import IGNORE_INDEX
+
+WORDS = ["red", "circle", "square", "on", "the", "left", "a", "blue", "big", "small"]
+
+
+def text_words(sample: dict) -> int:
+    return sum(len(p["text"].split()) for m in sample["messages"] for p in m["content"] if p["type"] == "text")
+
+
+def test_conversations_are_uneven_multi_turn_with_one_image_and_capped_text():
+    samples = packing.conversations(400, WORDS, image=None)
+    turns = [len(s["messages"]) // 2 for s in samples]
+    words = [text_words(s) for s in samples]
+    assert min(turns) == 1 and max(turns) > 4 and max(turns) <= 8
+    assert max(words) <= packing.MAX_TEXT_TOKENS
+    assert statistics.quantiles(words, n=10)[-1] > 3 * statistics.median(words)  # a heavy tail: padding costs
+    for sample in samples:
+        images = [p for m in sample["messages"] for p in m["content"] if p["type"] == "image"]
+        assert len(images) == 1 and sample["messages"][0]["content"][0]["type"] == "image"
+        assert [m["role"] for m in sample["messages"]] == ["user", "assistant"] * (len(sample["messages"]) // 2)
+
+
+def test_packed_steps_train_the_same_supervised_tokens_in_fewer_slots(model_and_processor):
+    processor = model_and_processor[1]
+    samples = packing.conversations(8, WORDS, shape_image("red"))
+    max_length = processor.image_seq_length + 4 * packing.MAX_TEXT_TOKENS
+    data = packing.batches(processor, samples, 4, max_length)
+    assert len(data[False]) == len(data[True]) == 2
+    for padded, packed in zip(data[False], data[True]):
+
+        def supervised(batch: dict) -> Counter:
+            labels = batch["labels"]
+            return Counter(labels[labels != IGNORE_INDEX].tolist())
+
+        assert supervised(packed) == supervised(padded) and sum(supervised(padded).values()) > 0
+        assert packed["input_ids"].numel() < padded["input_ids"].numel()
+
+
+def test_the_benchmark_trains_the_same_model_packed_and_padded(model_and_processor):
+    """Its training loop on the tiny model (the CPU run that keeps the GPU benchmark from rotting): before any step,
+    the packed and padded first batches give the same loss and gradients, and every step is timed."""
+    model, processor = model_and_processor
+    samples = packing.conversations(6, WORDS, shape_image("red"))
+    data = packing.batches(processor, samples, 2, processor.image_seq_length + 4 * packing.MAX_TEXT_TOKENS)
+    variants = [packing.Variant(f"sdpa, {k}", "sdpa", p) for k, p in (("padded", False), ("packed", True))]
+    shape = packing.Shape("tiny", "the tests' model", None, 2, 0, 2, 0, torch.float32, 1)
+    result = packing.train(copy.deepcopy(model.config), data, variants, shape)
+    assert result["agreement"]["loss"] < 1e-5 and result["agreement"]["gradient"] < 1e-4
+    assert all(len(result["seconds"][v.label]) == 2 for v in variants) and min(result["flops"]) > 0
