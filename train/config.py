@@ -107,6 +107,9 @@ class StageConfig:
             raise ValueError(f"{self.name}: no data sources")
         if self.lora is not None and not set(self.learning_rates) <= set(LORA_MODULES):
             raise ValueError(f"{self.name}: a LoRA stage trains only {LORA_MODULES}, got {sorted(self.learning_rates)}")
+        if self.lora is not None and self.extra_training_args.get("fsdp"):
+            # run_stage saves a sharded model by gathering it into the plain model class, which a PeftModel is not.
+            raise ValueError(f"{self.name}: a LoRA stage is not sharded (its trained weights are few); use DDP")
         if self.lora is not None and self.text_mask_ratio > 0:
             raise ValueError(f"{self.name}: a LoRA stage has no token masking; set text_mask_ratio to 0")
 

@@ -246,6 +246,7 @@ def run_stage(
     if is_main_process():
         print(f"{config.name}: {describe(config, len(dataset))} -> {output_dir}", flush=True)
     trainer.train(resume_from_checkpoint=checkpoint)
+    model = unsharded(trainer, model)
 
     if is_main_process():
         save_checkpoint(model, processor, output_dir)
@@ -258,6 +259,23 @@ def run_stage(
     wait_for_everyone()  # the next stage loads this folder in every process
     seconds = time.perf_counter() - start
     return StageResult(config.name, output_dir, *logged_losses(output_dir), skips.report(), seconds)
+
+
+def unsharded(trainer: ValignTrainer, model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in a form that saves. Under FSDP every process must call this (gathering the weights is a collective)
+    and the main process gets a plain copy holding them: the sharded model's parameters are shards, and its class is
+    torch's FSDP subclass, whose source `save_pretrained` would copy into the checkpoint as the remote code."""
+    if not trainer.is_fsdp_enabled:
+        return model
+    weights = trainer.accelerator.get_state_dict(trainer.model)  # the full weights on the main process, {} elsewhere
+    if not is_main_process():
+        return model
+    with torch.device("meta"):  # no second copy of the weights: they are assigned below
+        plain = ValignForConditionalGeneration(model.config)
+    plain.load_state_dict(weights, assign=True)
+    plain.tie_weights()
+    plain.generation_config = model.generation_config  # e.g. the suppressed mask token
+    return plain
 
 
 def describe(config: StageConfig, rows: int) -> str:

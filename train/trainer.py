@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -50,6 +52,20 @@ class ValignTrainer(Trainer):
     def __init__(self, *args, learning_rates: dict[str, float], **kwargs) -> None:
         self.learning_rates = learning_rates
         super().__init__(*args, **kwargs)
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)  # transformers 4.x passes FSDP by environment
+        if plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate keeps an FSDP plugin only on GPU kinds and silently trains CPU processes with DDP instead;
+            # torch's FSDP2 shards over gloo as well (tests/test_fsdp.py), so CPU processes get it too.
+            # In PartialState too, as accelerate does for GPUs: every later AcceleratorState() copies it from there.
+            state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin(**plugin_args)
+            if state.mixed_precision != "no":
+                state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
+            self.is_fsdp_enabled = True
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if "labels" in inputs and "logits_to_keep" not in inputs:
