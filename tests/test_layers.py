@@ -19,7 +19,7 @@ ALLOWED = {
     "handler": set(),  # served beside the remote code, loaded by file path: it can import no valign module
     "checkpoint": {"model"},
     "data": {"model"},
-    "eval": {"data", "checkpoint", "model"},
+    "eval": {"data", "checkpoint", "export", "model"},  # the lmms-eval plugin loads through the runtime choice
     "export": {"checkpoint", "model"},  # ONNX graphs and their runner: used by the command, uses no evaluation
     "hub": {"data"},
     "train": {"eval", "hub", "data", "checkpoint", "model"},
@@ -41,10 +41,10 @@ def layer(module: str) -> str:
 def package_modules() -> dict[str, Path]:
     """Dotted names (inside valign) of every module of the package, from the repository root (the package)."""
     modules = {}
-    for path in sorted(REPO.rglob("*.py")):
+    # Only the package's own entries are walked: the virtual environments beside them hold tens of thousands of files.
+    tops = [p for p in REPO.iterdir() if p.name not in NOT_PACKAGE and not p.name.startswith(".")]
+    for path in sorted(f for top in tops for f in ([top] if top.is_file() else top.rglob("*")) if f.suffix == ".py"):
         parts = path.relative_to(REPO).with_suffix("").parts
-        if parts[0] in NOT_PACKAGE or parts[0].startswith("."):
-            continue
         modules[".".join(p for p in parts if p != "__init__")] = path
     return modules
 
