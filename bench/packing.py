@@ -37,13 +37,12 @@ import torch
 import transformers
 from harness import count_flops, device, machine_description, matmul_flops_per_second, replace_section, synchronize
 from PIL import Image
-from run import REPO, Shape, interleaved, shapes, supervised_tokens, to_device, useful_tokens
+from run import REPO, Shape, build_processor, interleaved, shapes, supervised_tokens, to_device, useful_tokens
 from transformers.utils import logging as hf_logging
 
 from valign import ValignForConditionalGeneration
-from valign.processing_valign import ValignProcessor
 from valign.train.assembly import prepare_tokenizer
-from valign.train.backbones import image_processor_class, train_tokenizer
+from valign.train.backbones import train_tokenizer
 from valign.train.collator import ConversationCollator
 from valign.train.demo import DemoSizes, demo_corpus
 
@@ -82,19 +81,6 @@ def conversations(count: int, words: list[str], image, seed: int = 0) -> list[di
             ]
         samples.append({"id": f"c{index}", "image": image, "messages": messages})
     return samples
-
-
-def build_processor(shape: Shape, tokenizer) -> tuple[ValignProcessor, object]:
-    config = shape.config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"))
-    size = config.image_size
-    processor = ValignProcessor(
-        image_processor=image_processor_class()(size={"height": size, "width": size}),
-        tokenizer=tokenizer,
-        image_seq_length=config.image_seq_length,
-        vision_start_token="<|vision_start|>",
-        vision_end_token="<|vision_end|>",
-    )
-    return processor, config
 
 
 def batches(processor, samples: list[dict], batch_size: int, max_length: int) -> dict[bool, list[dict]]:
@@ -227,9 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     hf_logging.set_verbosity_error()
     shape = shapes()[args.shape]
     shape.batch_size = args.batch_size
-    tokenizer = prepare_tokenizer(train_tokenizer(demo_corpus(DemoSizes())), "<|image_pad|>")
+    corpus = demo_corpus(DemoSizes())
+    tokenizer = prepare_tokenizer(train_tokenizer(corpus), "<|image_pad|>")
     processor, config = build_processor(shape, tokenizer)
-    words = sorted({w for line in demo_corpus(DemoSizes()) for w in line.split() if w.isalpha()})
+    words = sorted({w for line in corpus for w in line.split() if w.isalpha()})
     image = Image.new("RGB", (config.image_size, config.image_size), (120, 80, 200))
     samples = conversations(args.batch_size * (args.steps + 1), words, image)
     max_length = processor.image_seq_length + MAX_TEXT_TOKENS + 256  # the template's tokens on top of the text

@@ -146,7 +146,8 @@ class Workload:
     images: list
 
 
-def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
+def build_processor(shape: Shape, tokenizer) -> tuple[ValignProcessor, ValignConfig]:
+    """The shape's processor (its image size and image-token count) around `tokenizer`, and the shape's config."""
     config = shape.config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|image_pad|>"))
     size = config.image_size
     processor = ValignProcessor(
@@ -156,6 +157,12 @@ def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
         vision_start_token="<|vision_start|>",
         vision_end_token="<|vision_end|>",
     )
+    return processor, config
+
+
+def build_workload(shape: Shape, tokenizer, seed: int = 1) -> Workload:
+    processor, config = build_processor(shape, tokenizer)
+    size = config.image_size
     count = shape.batch_size * (shape.steps + 1)
     dataset = adapt(make_caption_dataset(count, "recap", seed=seed, image_size=max(64, size)))
     samples = [dataset[i] for i in range(count)]

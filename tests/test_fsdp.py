@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, Kill
-from test_training import assert_trained_alike, weights
+from test_training import assert_trained_alike, data_root, weights  # noqa: F401  (data_root is a fixture)
 
-from valign.data.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
 from valign.train.config import StageConfig
 from valign.train.run import run_stage
 from valign.train.trainer import module_of
@@ -35,22 +34,14 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
 
 
-def train_stage(init: Path, data_root: Path, output: Path, *flags: str) -> None:
-    common = ["--init", str(init), "--data-root", str(data_root), "--output", str(output), *flags]
+def train_stage(init: Path, data: Path, output: Path, *flags: str) -> None:
+    common = ["--init", str(init), "--data-root", str(data), "--output", str(output), *flags]
     result = torchrun("-m", "valign.train", "stage", str(FSDP_STAGE), *common)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_parquet(make_caption_dataset(8, "recap", image_size=32), root / "captions.parquet")
-    write_parquet(load_easy_vqa("train", 8), root / "vqa.parquet")
-    return root
-
-
-@pytest.fixture(scope="module")
-def sharded(checkpoint, data_root, tmp_path_factory) -> Path:
+def sharded(checkpoint, data_root, tmp_path_factory) -> Path:  # noqa: F811
     """The FSDP stage run straight through on 2 processes."""
     folder = tmp_path_factory.mktemp("fsdp") / "straight"
     train_stage(checkpoint, data_root, folder)
@@ -58,7 +49,7 @@ def sharded(checkpoint, data_root, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def single(checkpoint, data_root, tmp_path_factory) -> Path:
+def single(checkpoint, data_root, tmp_path_factory) -> Path:  # noqa: F811
     """The same stage in one process, unsharded, with the 2 processes' global batch."""
     config = StageConfig.from_yaml(FSDP_STAGE)
     unsharded = {k: v for k, v in config.extra_training_args.items() if not k.startswith("fsdp")}
@@ -97,7 +88,7 @@ def test_fsdp_keeps_frozen_modules_and_per_module_learning_rates(checkpoint, sha
     assert logged[0] == pytest.approx({module: lr * cosine for module, lr in configured.items()})
 
 
-def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(checkpoint, data_root, sharded, tmp_path):
+def test_a_sharded_checkpoint_resumes_to_the_uninterrupted_weights(checkpoint, data_root, sharded, tmp_path):  # noqa: F811
     folder = tmp_path / "resumed"
     killed = torchrun(str(Path(__file__)), str(checkpoint), str(data_root), str(folder))
     assert killed.returncode != 0 and "simulated kill" in killed.stderr, killed.stderr[-4000:]
