@@ -1,22 +1,29 @@
 """Flex attention: the same policy as the dense mask, rendered as a BlockMask that skips fully blocked blocks.
 
-Only forward passes: torch (2.13) has no flex-attention backward on CPU ("FlexAttention does not support backward
-on CPU"). And compiled with dynamic shapes, which dynamo turns on once a second sequence length arrives, torch's
-CPU flex template fails to compile (a C++ error, `cur_qSplitSize4` undeclared; plain Qwen2 generating with left
-padding hits it too), so these tests compile each shape statically (`STATIC_SHAPES`; README, "Attention kernels").
+Gradients are compared on CUDA only: torch (2.13) has no flex-attention backward on CPU ("FlexAttention does not
+support backward on CPU", eager and compiled alike), so on a CPU-only machine that test is skipped and the forward
+tests below are what runs. And compiled with dynamic shapes, which dynamo turns on once a second sequence length
+arrives, torch's CPU flex template fails to compile (a C++ error, `cur_qSplitSize4` undeclared; plain Qwen2
+generating with left padding hits it too), so these tests compile each shape statically (`STATIC_SHAPES`; README,
+"Attention kernels").
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import other_major_python, prompts, run_script, shape_image
 from safetensors.torch import load_file
 from test_attention import reference_allowed
-from test_packing import uneven_samples
+from test_packing import conversation, uneven_samples
 
-from valign import ValignForConditionalGeneration
+import valign
+from valign import ValignForConditionalGeneration, ValignProcessor
+from valign.checkpoint import save_checkpoint
 from valign.modeling_valign import build_attention_mask, document_ids_of
+from valign.train.backbones import build_tiny_backbones
 from valign.train.collator import ConversationCollator
 
 
@@ -80,6 +87,41 @@ def test_flex_logits_equal_sdpa_on_packed_rows(flex_and_sdpa, model_and_processo
     with torch.no_grad():
         flex, sdpa = (model(**batch, attn_mode=mode).logits for model in flex_and_sdpa)
     torch.testing.assert_close(flex, sdpa, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def cuda_checkpoint(tmp_path_factory) -> tuple[Path, ValignProcessor]:
+    """A tiny checkpoint whose heads are 16 wide in both towers: flex attention's CUDA kernel needs at least 16."""
+    folder = tmp_path_factory.mktemp("flex-cuda")
+    torch.manual_seed(0)
+    model, processor = valign.from_backbones(*map(str, build_tiny_backbones(folder / "backbones", vision_width=64)))
+    return save_checkpoint(model, processor, folder / "checkpoint"), processor
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch has no flex-attention backward on CPU")
+@pytest.mark.parametrize(
+    ("mode", "packing"), [("hybrid", False), ("hybrid", True), ("bidirectional", False), ("causal", True)]
+)
+def test_flex_gradients_equal_sdpa_on_cuda(cuda_checkpoint, mode, packing):
+    checkpoint, processor = cuda_checkpoint
+    # One sample longer than 128 tokens, as real ones are (256 image tokens alone): below 128 query tokens inductor
+    # picks flex's decoding kernel, which finds no valid configuration for these fp32 GQA heads (torch 2.11).
+    samples = [*uneven_samples(), conversation("long", "A red circle on a white ground. " * 20, "red")]
+    batch = ConversationCollator(processor, max_length=512, packing=packing)(samples)
+    assert batch["input_ids"].shape[1] > 128
+    batch = {key: value.cuda() if torch.is_tensor(value) else value for key, value in batch.items()}
+    losses, gradients = [], []
+    for kernel in ("flex_attention", "sdpa"):
+        model = ValignForConditionalGeneration.from_pretrained(checkpoint, attn_implementation=kernel).cuda().train()
+        loss = model(**batch, attn_mode=mode).loss
+        loss.backward()
+        losses.append(loss.item())
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    flex, sdpa = gradients
+    assert flex.keys() == sdpa.keys() and len(sdpa) > 0
+    scale = max(g.abs().max().item() for g in sdpa.values())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert max((flex[n] - sdpa[n]).abs().max().item() for n in sdpa) <= 1e-4 * scale
 
 
 def test_flex_logits_equal_sdpa_on_the_other_major(checkpoint, tmp_path):
