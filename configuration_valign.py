@@ -67,6 +67,13 @@ class ValignConfig(PretrainedConfig):
         vision_feature_layer (`int`, *optional*, defaults to -1):
             Which vision hidden state feeds the projector. -1 is the encoder's final output (after its last layer
             norm, as PaliGemma and nanoVLM use SigLIP); other values index `hidden_states`.
+        standardize_vision_features (`bool`, *optional*, defaults to `False`):
+            Standardise each dimension of the projector's input (the chosen vision layer's tokens, pixel-shuffled)
+            with a mean and standard deviation estimated once from images (`calibrate_vision_features`, which
+            `from_backbones(calibration_images=...)` calls) and saved with the checkpoint as buffers. The paper's
+            projector reads SigLIP's normed output and has no such step (False). An inner layer has not passed the
+            encoder's final norm and its dimensions differ in scale by up to 7× (DINOv2-small, layer 8); the
+            embedded demo standardises them (docs/DESIGN.md, "Learning speed on real backbones").
         image_token_id (`int`, *optional*, defaults to 151655):
             Token id that stands for one image patch in `input_ids` (Qwen2.5's `<|image_pad|>`).
         image_size (`int`, *optional*):
@@ -94,6 +101,7 @@ class ValignConfig(PretrainedConfig):
         projector_hidden_size: int | None = None,
         projector_hidden_act: str = "gelu",
         vision_feature_layer: int = -1,
+        standardize_vision_features: bool = False,
         image_token_id: int = QWEN_IMAGE_PAD_ID,
         attn_mode: str = "hybrid",
         image_size: int | None = None,
@@ -107,6 +115,7 @@ class ValignConfig(PretrainedConfig):
         self.projector_hidden_size = projector_hidden_size or self.text_config.hidden_size
         self.projector_hidden_act = projector_hidden_act
         self.vision_feature_layer = vision_feature_layer
+        self.standardize_vision_features = standardize_vision_features
         self.image_token_id = image_token_id
         self.attn_mode = attn_mode
         self.image_size = image_size or getattr(self.vision_config, "image_size", None)

@@ -246,17 +246,24 @@ class ValignCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 class ValignMultiModalProjector(nn.Module):
     """Two linear layers with an activation between them: image-token width (the vision width × the pixel-shuffle
-    factor²) → projector width → text width."""
+    factor²) → projector width → text width; with `standardize_vision_features`, each input dimension is first
+    standardised with statistics kept as buffers (identity until `calibrate_vision_features` sets them)."""
 
     def __init__(self, config: ValignConfig) -> None:
         super().__init__()
         in_features = config.vision_config.hidden_size * config.pixel_shuffle_factor**2
+        self.standardize = config.standardize_vision_features
+        if self.standardize:
+            self.register_buffer("feature_mean", torch.zeros(in_features))
+            self.register_buffer("feature_std", torch.ones(in_features))
         self.linear_1 = nn.Linear(in_features, config.projector_hidden_size)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(config.projector_hidden_size, config.text_config.hidden_size)
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(image_features)))
+    def forward(self, vision_features: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            vision_features = (vision_features - self.feature_mean) / self.feature_std
+        return self.linear_2(self.act(self.linear_1(vision_features)))
 
 
 class ValignPreTrainedModel(PreTrainedModel):
@@ -275,6 +282,9 @@ class ValignPreTrainedModel(PreTrainedModel):
             for linear in (module.linear_1, module.linear_2):
                 nn.init.normal_(linear.weight, std=std)
                 nn.init.zeros_(linear.bias)
+            if module.standardize:
+                nn.init.zeros_(module.feature_mean)
+                nn.init.ones_(module.feature_std)
         else:
             super()._init_weights(module)
 
@@ -301,6 +311,11 @@ class ValignModel(ValignPreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Project images `(n, channels, size, size)` to language-model embeddings `(n, image_seq_length, width)`."""
+        return self.multi_modal_projector(self.get_vision_features(pixel_values))
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the projector reads: the patch tokens of `vision_feature_layer` for images `(n, channels, size,
+        size)`, pixel-shuffled to `(n, image_seq_length, vision width × pixel_shuffle_factor²)`."""
         check_pixel_values(pixel_values, self.config)
         layer = self.config.vision_feature_layer
         dtype = self.multi_modal_projector.linear_1.weight.dtype
@@ -311,7 +326,7 @@ class ValignModel(ValignPreTrainedModel):
         else:
             hidden = encoder_hidden_state(self.vision_tower, pixel_values, layer, **kwargs)
         patches = hidden[:, -(self.config.image_grid_size**2) :]  # drop leading CLS / register tokens
-        return self.multi_modal_projector(pixel_shuffle(patches, self.config.pixel_shuffle_factor))
+        return pixel_shuffle(patches, self.config.pixel_shuffle_factor)
 
     def _encoder_resolution_kwargs(self) -> dict:
         """SigLIP and CLIP interpolate their position embeddings only when asked; DINOv2 always does."""

@@ -6,7 +6,9 @@ download it. Importing it stays light (`import valign` exports `from_backbones`)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -64,6 +66,7 @@ def from_backbones(
     image_token: str = "<|image_pad|>",
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
+    calibration_images: Sequence[Any] | None = None,
     **config_kwargs,
 ) -> tuple[ValignForConditionalGeneration, ValignProcessor]:
     """Assemble a valign model and its processor from a pretrained vision encoder and language model.
@@ -73,10 +76,14 @@ def from_backbones(
     (Qwen2.5 has `<|image_pad|>`), else it is added, with ChatML tokens where missing, and the embeddings
     grow to match. `config_kwargs` go to `ValignConfig` (attn_mode, projector_hidden_size,
     pixel_shuffle_factor, ...); the processor's image span follows the config's `image_seq_length`.
+    `calibration_images` (PIL images, a few hundred like the training data's) are what
+    `standardize_vision_features=True` estimates its statistics from; it needs them, and nothing else uses them.
 
     Returns:
         `(model, processor)`.
     """
+    if config_kwargs.get("standardize_vision_features", False) != (calibration_images is not None):
+        raise ValueError("calibration_images go with standardize_vision_features=True, and it needs them")
     vision_config = AutoConfig.from_pretrained(vision)
     vision_config = getattr(vision_config, "vision_config", vision_config)  # dual encoders: the image half
     if hasattr(vision_config, "vision_use_head"):
@@ -124,7 +131,31 @@ def from_backbones(
         vision_start_token=vision_start if has_wrap else None,
         vision_end_token=vision_end if has_wrap else None,
     )
+    if calibration_images is not None:
+        calibrate_vision_features(model, image_processor(list(calibration_images), return_tensors="pt")["pixel_values"])
     return model, processor
+
+
+@torch.no_grad()
+def calibrate_vision_features(
+    model: ValignForConditionalGeneration, pixel_values: torch.Tensor, batch_size: int = 64
+) -> None:
+    """Set the statistics `standardize_vision_features` uses: each dimension's mean and standard deviation over
+    every image token of `pixel_values` (images as the processor makes them)."""
+    projector = model.model.multi_modal_projector
+    if not projector.standardize:
+        raise ValueError("the model does not standardize its vision features (standardize_vision_features=False)")
+    if len(pixel_values) < 2:
+        raise ValueError(f"calibration needs at least 2 images, got {len(pixel_values)}")
+    was_training = model.training
+    model.eval()
+    chunks = pixel_values.to(model.device).split(batch_size)
+    features = torch.cat([model.model.get_vision_features(chunk).flatten(0, 1).float() for chunk in chunks])
+    model.train(was_training)
+    std = features.std(0)
+    projector.feature_mean.copy_(features.mean(0))
+    # a dimension (nearly) constant over these images must not blow up on others
+    projector.feature_std.copy_(std.clamp_min(0.01 * std.median()))
 
 
 def assemble_init(vision: str, text: str, gguf_file: str | None, folder: Path) -> Path:

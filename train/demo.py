@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..data.prompts import CAPTION_PROMPT, VQA_INSTRUCTION
@@ -59,6 +60,15 @@ BACKBONES = ("packaged", "tiny")
 # into 16 image tokens (the paper's 256 would cost a 2-core CPU ~5× the time per sample).
 PACKAGED_IMAGE_SIZE = 112
 PACKAGED_PIXEL_SHUFFLE = 2
+# In DINOv2's last layer colour lies in directions of little variance (it was trained under colour jitter): a fitted
+# linear probe still finds it, but nearest-centroid probes on mean-pooled patch features tell easy-VQA's colours
+# apart 47 % of the time from the final output against 95 % from layer 8 (shapes: 69 and 93 %), and a projector
+# trained for a few hundred steps reads what is prominent. Layer 8 has not passed the encoder's final norm, its
+# dimensions differ 7× in scale, so the projector standardises them with statistics of the first
+# CALIBRATION_IMAGES images of each training source (docs/DESIGN.md, "Learning speed on real backbones").
+PACKAGED_FEATURES = {"vision_feature_layer": 8, "standardize_vision_features": True}
+CALIBRATION_IMAGES = 128
+DEMO_SOURCES = ("captions.parquet", "vqa_train.parquet")  # what `make_demo_data` writes
 
 
 @dataclass
@@ -110,8 +120,9 @@ class DemoResult:
 def make_demo_data(folder: Path, sizes: DemoSizes) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     captions = make_caption_dataset(sizes.captions, sizes.caption_style, seed=0, image_size=sizes.image_size)
-    write_parquet(captions, folder / "captions.parquet")
-    write_parquet(load_easy_vqa("train", sizes.vqa_train), folder / "vqa_train.parquet")
+    captions_file, vqa_file = DEMO_SOURCES
+    write_parquet(captions, folder / captions_file)
+    write_parquet(load_easy_vqa("train", sizes.vqa_train), folder / vqa_file)
 
 
 def demo_corpus(sizes: DemoSizes) -> list[str]:
@@ -153,16 +164,23 @@ def packaged_demo_backbones(folder: Path) -> tuple[Path, Path]:
     return resized, text
 
 
+def first_images(parquet: Path, count: int) -> list:
+    return Dataset.from_parquet(str(parquet)).select(range(count))["image"]
+
+
 def build_demo_init(folder: Path, sizes: DemoSizes) -> Path:
-    """A valign checkpoint assembled from the demo's backbones (a fresh projector), the starting point of stage 0."""
+    """A valign checkpoint assembled from the demo's backbones (a fresh projector), the starting point of stage 0.
+    The demo's data must be in `folder / "data"` (`make_demo_data`)."""
     if sizes.backbones == "tiny":
-        (vision, text), shuffle = tiny_backbones(folder / "backbones", sizes), 1
+        (vision, text), features = tiny_backbones(folder / "backbones", sizes), {}
     else:
-        (vision, text), shuffle = packaged_demo_backbones(folder / "backbones"), PACKAGED_PIXEL_SHUFFLE
+        vision, text = packaged_demo_backbones(folder / "backbones")
+        images = [image for name in DEMO_SOURCES for image in first_images(folder / "data" / name, CALIBRATION_IMAGES)]
+        features = {"pixel_shuffle_factor": PACKAGED_PIXEL_SHUFFLE, "calibration_images": images, **PACKAGED_FEATURES}
     # Seeded here, after the backbones: making them draws random numbers (the tiny ones, or a first conversion of
     # the packaged ones) that would otherwise decide the projector instead of the seed.
     torch.manual_seed(sizes.seed)
-    model, processor = from_backbones(str(vision), str(text), pixel_shuffle_factor=shuffle)
+    model, processor = from_backbones(str(vision), str(text), **features)
     return save_checkpoint(model, processor, folder / "init")
 
 
