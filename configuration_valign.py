@@ -73,7 +73,7 @@ class ValignConfig(PretrainedConfig):
             `from_backbones(calibration_images=...)` calls) and saved with the checkpoint as buffers. The paper's
             projector reads SigLIP's normed output and has no such step (False). An inner layer has not passed the
             encoder's final norm and its dimensions differ in scale by up to 7× (DINOv2-small, layer 8); the
-            embedded demo standardises them (docs/DESIGN.md, "Learning speed on real backbones").
+            embedded demo standardises them (docs/DESIGN.md, "Why colour was slow").
         image_token_id (`int`, *optional*, defaults to 151655):
             Token id that stands for one image patch in `input_ids` (Qwen2.5's `<|image_pad|>`).
         image_size (`int`, *optional*):

@@ -149,9 +149,11 @@ def calibrate_vision_features(
         raise ValueError(f"calibration needs at least 2 images, got {len(pixel_values)}")
     was_training = model.training
     model.eval()
-    chunks = pixel_values.to(model.device).split(batch_size)
-    features = torch.cat([model.model.get_vision_features(chunk).flatten(0, 1).float() for chunk in chunks])
-    model.train(was_training)
+    try:
+        chunks = pixel_values.to(model.device).split(batch_size)
+        features = torch.cat([model.model.get_vision_features(chunk).flatten(0, 1).float() for chunk in chunks])
+    finally:
+        model.train(was_training)
     std = features.std(0)
     projector.feature_mean.copy_(features.mean(0))
     # a dimension (nearly) constant over these images must not blow up on others

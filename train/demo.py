@@ -65,7 +65,7 @@ PACKAGED_PIXEL_SHUFFLE = 2
 # apart 47 % of the time from the final output against 95 % from layer 8 (shapes: 69 and 93 %), and a projector
 # trained for a few hundred steps reads what is prominent. Layer 8 has not passed the encoder's final norm, its
 # dimensions differ 7× in scale, so the projector standardises them with statistics of the first
-# CALIBRATION_IMAGES images of each training source (docs/DESIGN.md, "Learning speed on real backbones").
+# CALIBRATION_IMAGES images of each training source (docs/DESIGN.md, "Why colour was slow").
 PACKAGED_FEATURES = {"vision_feature_layer": 8, "standardize_vision_features": True}
 CALIBRATION_IMAGES = 128
 DEMO_SOURCES = ("captions.parquet", "vqa_train.parquet")  # what `make_demo_data` writes
