@@ -16,19 +16,30 @@ from valign.train.demo import DemoResult, DemoSizes
 from valign.train.run import StageResult, recipe_stages, with_overrides
 
 
-def steps_trained(recipe: str, arm: Arm) -> dict[str, int]:
+def steps_trained(recipe: str, arm: Arm, last_stage_steps: int | None = None) -> dict[str, int]:
     configs = [StageConfig.from_yaml(path) for path in recipe_stages(recipe)]
-    overrides = arm_overrides(arm, recipe)
+    overrides = arm_overrides(arm, recipe, last_stage_steps)
     return {c.name: with_overrides(c, overrides).max_steps for c in configs if c.name not in arm.skip}
 
 
-@pytest.mark.parametrize("recipe", ["demo", "tiny"])
-def test_every_arm_trains_the_same_number_of_steps(recipe):
-    totals = {key: sum(steps_trained(recipe, arm).values()) for key, arm in ARMS.items()}
+@pytest.mark.parametrize(("recipe", "last_stage_steps"), [("demo", None), ("tiny", None), ("demo", 112)])
+def test_every_arm_trains_the_same_number_of_steps(recipe, last_stage_steps):
+    trained = {key: steps_trained(recipe, arm, last_stage_steps) for key, arm in ARMS.items()}
+    totals = {key: sum(steps.values()) for key, steps in trained.items()}
     assert len(set(totals.values())) == 1, totals
-    paper, without = steps_trained(recipe, ARMS["paper"]), steps_trained(recipe, ARMS["no-alignment"])
+    paper, without = trained["paper"], trained["no-alignment"]
     assert without["stage-2"] == paper["stage-0"] + paper["stage-1"] + paper["stage-2"]
     assert without["stage-3"] == paper["stage-3"]
+    recipes_own = StageConfig.from_yaml(recipe_stages(recipe)[-1]).max_steps
+    assert {steps["stage-3"] for steps in trained.values()} == {last_stage_steps or recipes_own}
+
+
+def test_the_last_stage_budget_keeps_an_arms_own_overrides_and_is_refused_for_an_arm_that_skips_it():
+    overrides = arm_overrides(ARMS["causal"], "demo", last_stage_steps=50)
+    assert overrides["stage-3"] == {"attn_mode": "causal", "max_steps": 50}
+    assert ARMS["causal"].overrides["stage-3"] == {"attn_mode": "causal"}  # the arm itself is left as it was
+    with pytest.raises(ValueError, match="skips stage-3"):
+        arm_overrides(Arm("x", skip=("stage-3",)), "demo", last_stage_steps=50)
 
 
 def test_an_arm_keeps_its_own_overrides_of_the_stage_that_takes_the_steps():
@@ -75,6 +86,9 @@ def test_a_finished_run_is_kept_and_any_other_run_is_trained(tmp_path, monkeypat
     (tmp_path / ablations.RUN_RECORD).unlink()  # as after a kill between the results and the record
     ablations.run_arm(tmp_path, arm, 1, "tiny")
     assert trained == [0, 1, 1]
+    ablations.run_arm(tmp_path, arm, 1, "tiny", last_stage_steps=50)  # another budget: another run
+    ablations.run_arm(tmp_path, arm, 1, "tiny", last_stage_steps=50)
+    assert trained == [0, 1, 1, 1]
 
 
 def test_a_run_trained_in_another_precision_is_not_kept(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
     python -m valign.train                                   the embedded default: the offline CPU demo
     python -m valign.train demo [--output DIR] [--resume] [--backbones tiny]   (without --resume: replaces one)
     python -m valign.train curve [--output DIR] [--steps 28 56 112 224 448] [--backbones tiny]
-    python -m valign.train ablations [--output DIR] [--arms ARM ...] [--seeds 0 1 2] [--backbones tiny]
+    python -m valign.train ablations [--output DIR] [--arms ARM ...] [--seeds 0 1 2] [--backbones tiny] \\
+        [--last-stage-steps N]
     python -m valign.train recipe paper --output runs/paper \\
         [--init CHECKPOINT | --vision google/siglip-so400m-patch14-224 --text Qwen/Qwen2.5-0.5B-Instruct] \\
         [--data-root DIR] [--resume | --overwrite] [--push-to-hub USER/REPO [--space USER/SPACE]] [--max-steps N]
@@ -57,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     ablations.add_argument("--arms", nargs="+", choices=list(ARMS), help="a subset of the arms (default: all)")
     ablations.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS), help="seeds per arm (default: 0 1 2)")
     ablations.add_argument("--backbones", choices=BACKBONES, default="packaged")
+    ablations.add_argument(
+        "--last-stage-steps", type=step_count, help="every arm's last-stage budget (default: the recipe's)"
+    )
 
     curve = commands.add_parser("curve", help="the demo's VQA accuracy against training time")
     curve.add_argument("--output", type=Path, default=Path("outputs/curve"))
@@ -94,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "ablations":
         from .ablations import run_ablations
 
-        run_ablations(args.output, args.arms, tuple(args.seeds), args.backbones)
+        run_ablations(args.output, args.arms, tuple(args.seeds), args.backbones, args.last_stage_steps)
         return
     if args.command == "curve":
         from .curve import run_curve

@@ -11,7 +11,11 @@ A finished run (arm, seed) is recorded in its folder (`run.json`: what was run a
 the command is run again with the same arm, seed, backbones and recipe, so a run interrupted after some arms (the
 whole takes about two hours on 2 cores) continues where it stopped; the table's times are each run's own.
 
+`--last-stage-steps N` gives every arm's last stage (VQA instruction tuning) N optimizer steps instead of the
+recipe's: the demo's 28 are too few for any arm to read the image, so the arms could not differ in VQA.
+
     python -m valign.train ablations [--output outputs/ablations] [--seeds 0 1 2] [--arms paper causal]
+        [--last-stage-steps 112]
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from .config import StageConfig
 from .demo import DemoResult, DemoSizes, run_demo
-from .run import as_trained_here, recipe_stages
+from .run import as_trained_here, recipe_stages, with_overrides
 from .trainer import read_training_log
 
 SEEDS = (0, 1, 2)
@@ -60,13 +64,20 @@ METRICS = {
 }
 
 
-def arm_overrides(arm: Arm, recipe: str) -> dict[str, dict]:
-    """The arm's stage overrides; a skipped stage's `max_steps` move to the first stage that runs, so every arm
-    trains the same number of optimizer steps (a skipped stage without `max_steps` is refused: its steps are
-    unknown before its data is read)."""
+def arm_overrides(arm: Arm, recipe: str, last_stage_steps: int | None = None) -> dict[str, dict]:
+    """The arm's stage overrides, with the last stage's `max_steps` set to `last_stage_steps` when given; a skipped
+    stage's `max_steps` move to the first stage that runs, so every arm trains the same number of optimizer steps
+    (a skipped stage without `max_steps` is refused: its steps are unknown before its data is read)."""
+    configs = [StageConfig.from_yaml(path) for path in recipe_stages(recipe)]
+    if last_stage_steps is not None:
+        last = configs[-1].name
+        if last in arm.skip:
+            raise ValueError(f"arm {arm.label!r} skips {last}, so its steps cannot be set")
+        arm = dataclasses.replace(
+            arm, overrides={**arm.overrides, last: {**arm.overrides.get(last, {}), "max_steps": last_stage_steps}}
+        )
     if not arm.skip:
         return arm.overrides
-    configs = [StageConfig.from_yaml(path) for path in recipe_stages(recipe)]
     skipped = [c for c in configs if c.name in arm.skip]
     if any(c.max_steps <= 0 for c in skipped):
         raise ValueError(f"recipe {recipe}: the stages {list(arm.skip)} need max_steps to move their budget")
@@ -77,10 +88,13 @@ def arm_overrides(arm: Arm, recipe: str) -> dict[str, dict]:
     return {**arm.overrides, first.name: {**arm.overrides.get(first.name, {}), "max_steps": steps}}
 
 
-def run_arm(output: Path, arm: Arm, seed: int, backbones: str) -> tuple[DemoResult, float]:
+def run_arm(
+    output: Path, arm: Arm, seed: int, backbones: str, last_stage_steps: int | None = None
+) -> tuple[DemoResult, float]:
     """The run's result and wall time: measured now, or read back when `output` holds this very run, finished."""
     sizes = DemoSizes(backbones=backbones, caption_style=arm.caption_style, seed=seed)
-    identity = run_identity(arm, sizes)
+    overrides = arm_overrides(arm, sizes.recipe, last_stage_steps)
+    identity = run_identity(arm, sizes, overrides)
     record = output / RUN_RECORD
     if record.is_file() and (output / "results.json").is_file():
         saved = json.loads(record.read_text(encoding="utf-8"))
@@ -89,7 +103,7 @@ def run_arm(output: Path, arm: Arm, seed: int, backbones: str) -> tuple[DemoResu
             return DemoResult.from_json(output / "results.json"), saved["seconds"]
     record.unlink(missing_ok=True)  # written again only once this run has finished
     start = time.perf_counter()
-    result = run_demo(output, sizes, resume=True, overrides=arm_overrides(arm, sizes.recipe), skip=arm.skip)
+    result = run_demo(output, sizes, resume=True, overrides=overrides, skip=arm.skip)
     seconds = time.perf_counter() - start
     record.write_text(json.dumps({"identity": identity, "seconds": seconds}, indent=2) + "\n", encoding="utf-8")
     return result, seconds
@@ -98,10 +112,11 @@ def run_arm(output: Path, arm: Arm, seed: int, backbones: str) -> tuple[DemoResu
 RUN_RECORD = "run.json"
 
 
-def run_identity(arm: Arm, sizes: DemoSizes) -> dict[str, Any]:
-    """What makes two runs the same: the arm, the demo's sizes (seed included) and the recipe's stage files, with
-    the precision each stage trains in here (as the stages' own fingerprints have it)."""
-    stages = [as_trained_here(StageConfig.from_yaml(path)).to_dict() for path in recipe_stages(sizes.recipe)]
+def run_identity(arm: Arm, sizes: DemoSizes, overrides: dict[str, dict]) -> dict[str, Any]:
+    """What makes two runs the same: the arm, the demo's sizes (seed included) and the recipe's stage files with the
+    arm's overrides, at the precision each stage trains in here (as the stages' own fingerprints have it)."""
+    configs = [StageConfig.from_yaml(path) for path in recipe_stages(sizes.recipe)]
+    stages = [as_trained_here(with_overrides(c, overrides)).to_dict() for c in configs if c.name not in arm.skip]
     identity = {"arm": dataclasses.asdict(arm), "sizes": vars(sizes), "stages": stages}
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json (tuples become lists)
 
@@ -153,11 +168,17 @@ def plot_losses(results: dict[str, dict[int, tuple[DemoResult, float]]], path: P
 
 
 def run_ablations(
-    output: Path, arms: list[str] | None = None, seeds: tuple[int, ...] = SEEDS, backbones: str = "packaged"
+    output: Path,
+    arms: list[str] | None = None,
+    seeds: tuple[int, ...] = SEEDS,
+    backbones: str = "packaged",
+    last_stage_steps: int | None = None,
 ) -> str:
     start = time.perf_counter()
     results = {
-        key: {seed: run_arm(output / key / f"seed-{seed}", ARMS[key], seed, backbones) for seed in seeds}
+        key: {
+            seed: run_arm(output / key / f"seed-{seed}", ARMS[key], seed, backbones, last_stage_steps) for seed in seeds
+        }
         for key in arms or list(ARMS)
     }
     total = sum(seconds for runs in results.values() for _, seconds in runs.values())
