@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import StoppingCriteria
 
@@ -115,6 +116,19 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def top_operators(fn: Callable[[], object], count: int) -> list[tuple[str, float]]:
+    """The `count` operators costing most self time in one call under `torch.profiler`, each with its share of the
+    call's total: device (CUDA) time on a GPU, where the host only queues kernels, CPU time otherwise."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        fn()
+        synchronize()
+    attribute = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    events = sorted(profiler.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    total = sum(getattr(e, attribute) for e in events)
+    return [(e.key, getattr(e, attribute) / total) for e in events[:count]]
 
 
 def best_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:

@@ -4,13 +4,15 @@
     .venv/bin/python bench/packing.py --shape paper    # SigLIP so400m + Qwen2.5-0.5B; the GPU benchmark (bf16)
 
 Each variant trains the same samples in the same order (stage 2: everything trains, forward + backward + AdamW;
-random weights), the variants taking turns step by step so a slow moment of a shared machine hits all alike.
+random weights; the loss as `ValignTrainer` computes it, from logits at the supervised positions only), the
+variants taking turns step by step so a slow moment of a shared machine hits all alike.
 Reported per variant: useful (non-padding) and supervised tokens per second, as medians of per-step rates, and
 model FLOP utilisation: the FLOPs torch's counter finds in the packed step (the work the samples need; the counter
 has no formula for CPU attention kernels, so attention is left out on CPU) over each step's time, against the
 machine's warm best-of matmul rate and, on a GPU whose datasheet peak is known, against that peak. The packed /
 padded speed-up is the median of per-round paired ratios. Flex attention runs where torch can train with it: on
-CUDA (torch 2.13 has no flex backward on CPU). The section between the `packing` markers of BENCHMARKS.md is
+CUDA (torch 2.13 has no flex backward on CPU). `--profile N` adds each variant's N operators costing most self
+time (device time on a GPU) in one more step. The section between the `packing` markers of BENCHMARKS.md is
 rewritten.
 
 The workload (`conversations`): every sample has one image and 1 + Geometric(0.45) turns (at most 8), questions
@@ -35,7 +37,15 @@ from pathlib import Path
 
 import torch
 import transformers
-from harness import count_flops, device, machine_description, matmul_flops_per_second, replace_section, synchronize
+from harness import (
+    count_flops,
+    device,
+    machine_description,
+    matmul_flops_per_second,
+    replace_section,
+    synchronize,
+    top_operators,
+)
 from PIL import Image
 from run import REPO, Shape, build_processor, interleaved, shapes, supervised_tokens, to_device, useful_tokens
 from transformers.utils import logging as hf_logging
@@ -45,6 +55,7 @@ from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import train_tokenizer
 from valign.train.collator import ConversationCollator
 from valign.train.demo import DemoSizes, demo_corpus
+from valign.train.trainer import supervised_positions
 
 MAX_TEXT_TOKENS = 1500
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), by a word of the device name.
@@ -91,8 +102,11 @@ def batches(processor, samples: list[dict], batch_size: int, max_length: int) ->
     }
 
 
-def train(config, data: dict[bool, list[dict]], variants: list[Variant], shape: Shape) -> dict[str, dict]:
-    """Seconds of each variant's steps (one warm-up step each, then taking turns), and the packed step's FLOPs."""
+def train(
+    config, data: dict[bool, list[dict]], variants: list[Variant], shape: Shape, profile: int = 0
+) -> dict[str, dict]:
+    """Seconds of each variant's steps (one warm-up step each, then taking turns), the packed step's FLOPs and, with
+    `profile`, the `profile` operators costing most in one more step of each variant."""
     models = {}
     for kernel in sorted({v.kernel for v in variants}):
         kernel_config = copy.deepcopy(config)
@@ -103,8 +117,10 @@ def train(config, data: dict[bool, list[dict]], variants: list[Variant], shape: 
     autocast = torch.autocast(device().type, dtype=shape.dtype, enabled=shape.dtype != torch.float32)
 
     def forward_backward(variant: Variant, index: int) -> torch.Tensor:
+        batch = data[variant.packing][index]
+        keep = supervised_positions(batch["labels"])  # the loss as ValignTrainer computes it
         with autocast:
-            loss = models[variant.kernel](**data[variant.packing][index], attn_mode="hybrid").loss
+            loss = models[variant.kernel](**batch, attn_mode="hybrid", logits_to_keep=keep).loss
         loss.backward()
         return loss.detach()
 
@@ -122,7 +138,8 @@ def train(config, data: dict[bool, list[dict]], variants: list[Variant], shape: 
     flops = [count_flops(lambda i=i: forward_backward(packed, i)) for i in range(1, len(data[True]))]
     for optimizer in optimizers.values():
         optimizer.zero_grad(set_to_none=True)
-    return {"seconds": seconds, "flops": flops, "agreement": agreement}
+    profiles = {v.label: top_operators(lambda v=v: step(v, 1), profile) for v in variants} if profile else {}
+    return {"seconds": seconds, "flops": flops, "agreement": agreement, "profiles": profiles}
 
 
 def first_batch_agreement(
@@ -163,7 +180,8 @@ def report(shape: Shape, data, variants: list[Variant], result: dict, matmul: fl
     lines = [
         f"Measured {datetime.date.today().isoformat()} by `bench/packing.py --shape {shape.name}` on "
         f"{machine_description()}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}; {shape.description}, {shape.dtype}, hybrid mask, stage 2 (everything trains), "
+        f"{transformers.__version__}; {shape.description}, {shape.dtype}, hybrid mask, stage 2 (everything trains; "
+        f"logits at supervised positions only, as ValignTrainer computes the loss), "
         f"{len(padded)} timed steps of {shape.batch_size} samples after one warm-up step, random weights.",
         "",
         f"Samples: {len(lengths)} timed, {min(lengths)}-{max(lengths)} tokens "
@@ -197,6 +215,10 @@ def report(shape: Shape, data, variants: list[Variant], result: dict, matmul: fl
     )
     if device().type == "cpu":
         lines.append("- flex attention: not measured on CPU (torch has no flex backward there).")
+    for label, top in result["profiles"].items():
+        where = "device" if device().type == "cuda" else "CPU"
+        lines += ["", f"Self {where} time of one `{label}` step under `torch.profiler`:", ""]
+        lines += ["| operator | share |", "|---|---|"] + [f"| `{name}` | {share:.0%} |" for name, share in top]
     lines.append(
         f"- Matmul rate ({shape.dtype}, 2048², warm, best of 10) measured in the same run: {matmul / 1e12:.2f} TFLOP/s."
     )
@@ -208,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=["small", "paper"], default="small")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="list each variant's N costliest operators")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
@@ -224,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels = ["sdpa"] + (["flex_attention"] if device().type == "cuda" else [])
     variants = [Variant(f"{k}, {'packed' if p else 'padded'}", k, p) for k in kernels for p in (False, True)]
     matmul = matmul_flops_per_second(shape.dtype)
-    result = train(config, data, variants, shape)
+    result = train(config, data, variants, shape, args.profile)
     text = report(shape, data, variants, result, matmul, tokenizer.pad_token_id)
     print("\n" + text)
     replace_section(text, f"packing-{shape.name}", args.output)

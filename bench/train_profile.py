@@ -20,9 +20,8 @@ from collections.abc import Callable
 
 import torch
 import transformers
-from harness import count_flops, machine_description, matmul_flops_per_second, replace_section, timed
+from harness import count_flops, machine_description, matmul_flops_per_second, replace_section, timed, top_operators
 from run import build_models, build_workload, shapes, to_device
-from torch.profiler import ProfilerActivity, profile
 from transformers.utils import logging as hf_logging
 
 from valign.modeling_valign import IGNORE_INDEX
@@ -70,11 +69,7 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, float
         model.zero_grad(set_to_none=True)
         rows.append({"label": label, "seconds": seconds, "flops": flops, "share": flops / seconds / rate})
         print(f"{label}: {seconds:.2f} s, {flops / 1e12:.2f} TFLOP, {rows[-1]['share']:.0%} of the matmul rate")
-    with profile(activities=[ProfilerActivity.CPU]) as profiler:
-        step()
-    events = sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events)
-    top = [(e.key, e.self_cpu_time_total / total) for e in events[:TOP_OPERATORS]]
+    top = top_operators(step, TOP_OPERATORS)
     context = {"tokens": int(batch["attention_mask"].sum()), "samples": batch["input_ids"].shape[0]}
     context["supervised"] = int((batch["labels"] != IGNORE_INDEX).sum())
     context["positions"] = int(supervised_positions(batch["labels"]).numel())

@@ -50,12 +50,17 @@ def test_packed_steps_train_the_same_supervised_tokens_in_fewer_slots(model_and_
 
 def test_the_benchmark_trains_the_same_model_packed_and_padded(model_and_processor):
     """Its training loop on the tiny model (the CPU run that keeps the GPU benchmark from rotting): before any step,
-    the packed and padded first batches give the same loss and gradients, and every step is timed."""
+    the packed and padded first batches give the same loss and gradients (from logits at the supervised positions,
+    as the trainer computes it), every step is timed and each variant's step is profiled."""
     model, processor = model_and_processor
     samples = packing.conversations(6, WORDS, shape_image("red"))
     data = packing.batches(processor, samples, 2, processor.image_seq_length + 4 * packing.MAX_TEXT_TOKENS)
     variants = [packing.Variant(f"sdpa, {k}", "sdpa", p) for k, p in (("padded", False), ("packed", True))]
     shape = packing.Shape("tiny", "the tests' model", None, 2, 0, 2, 0, torch.float32, 1)
-    result = packing.train(copy.deepcopy(model.config), data, variants, shape)
+    result = packing.train(copy.deepcopy(model.config), data, variants, shape, profile=3)
     assert result["agreement"]["loss"] < 1e-5 and result["agreement"]["gradient"] < 1e-4
     assert all(len(result["seconds"][v.label]) == 2 for v in variants) and min(result["flops"]) > 0
+    assert result["profiles"].keys() == {v.label for v in variants}
+    for top in result["profiles"].values():  # each variant's costliest operators, costliest first
+        shares = [share for _, share in top]
+        assert len(top) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
