@@ -132,3 +132,24 @@ def test_the_seed_alone_decides_the_starting_projector(tmp_path, monkeypatch):
     assert first.keys() == again.keys() and len(first) == 2  # its two linear layers (biases start at 0)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not any(torch.equal(first[k], other[k]) for k in first)
+
+
+def fake_result(vqa: float, cider: float) -> DemoResult:
+    scores = {"accuracy": vqa, "per_type": {t: {"accuracy": vqa} for t in ("colour", "shape", "yes/no")}}
+    return DemoResult([], {"scores": {"CIDEr": cider}}, {"model": scores, "mismatched_images": scores})
+
+
+def test_the_table_pairs_each_arm_with_the_first_by_seed():
+    """Differences are taken seed by seed (a seed fixes initialisation and data order in every arm), over the
+    seeds both arms ran."""
+    results = {
+        "paper": {0: (fake_result(0.70, 0.50), 60.0), 1: (fake_result(0.80, 0.30), 60.0)},
+        "causal": {0: (fake_result(0.72, 0.55), 60.0), 1: (fake_result(0.83, 0.36), 60.0), 2: (fake_result(0, 0), 1)},
+    }
+    text = ablations.table(results)
+    paired = text.split("Paired by seed, arm minus `paper`:")[1].split("Per seed:")[0]
+    row = next(line for line in paired.splitlines() if line.startswith("| causal"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    # VQA: +2 and +3 points; CIDEr: +5 and +6
+    assert cells[:3] == ["causal", "2", "+2.5 ± 0.7"] and cells[-1] == "+5.5 ± 0.7"
+    assert "| hybrid mask" in text.split("Paired")[0]  # the unpaired means stay first

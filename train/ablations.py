@@ -121,9 +121,9 @@ def run_identity(arm: Arm, sizes: DemoSizes, overrides: dict[str, dict]) -> dict
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json (tuples become lists)
 
 
-def mean_sd(values: list[float]) -> str:
+def mean_sd(values: list[float], signed: bool = False) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
-    return f"{statistics.mean(values):.1f} ± {sd:.1f}"
+    return f"{statistics.mean(values):{'+' if signed else ''}.1f} ± {sd:.1f}"
 
 
 def table(results: dict[str, dict[int, tuple[DemoResult, float]]]) -> str:
@@ -134,6 +134,7 @@ def table(results: dict[str, dict[int, tuple[DemoResult, float]]]) -> str:
         cells = [mean_sd([read(r) for r, _ in runs.values()]) for read in METRICS.values()]
         minutes = statistics.mean(t for _, t in runs.values()) / 60
         lines.append(f"| {ARMS[key].label} | {len(runs)} | " + " | ".join(cells) + f" | {minutes:.1f} |")
+    lines += paired_differences(results)
     lines += ["", "Per seed:", "", "| arm | seed | " + " | ".join(METRICS) + " |"]
     lines.append("|---|---|" + "---|" * len(METRICS))
     for key, runs in results.items():
@@ -141,6 +142,22 @@ def table(results: dict[str, dict[int, tuple[DemoResult, float]]]) -> str:
             cells = [f"{read(result):.1f}" for read in METRICS.values()]
             lines.append(f"| {key} | {seed} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def paired_differences(results: dict[str, dict[int, tuple[DemoResult, float]]]) -> list[str]:
+    """Each arm minus the first arm, seed by seed (mean ± standard deviation of the differences): a seed fixes the
+    projector's initialisation and the data order in every arm, so pairing removes that part of the spread."""
+    (base_key, base), *others = results.items()
+    lines = ["", f"Paired by seed, arm minus `{base_key}`:", "", "| arm | seeds | " + " | ".join(METRICS) + " |"]
+    lines.append("|---|---|" + "---|" * len(METRICS))
+    for key, runs in others:
+        seeds = [seed for seed in runs if seed in base]
+        if not seeds:
+            continue
+        differences = [[read(runs[s][0]) - read(base[s][0]) for s in seeds] for read in METRICS.values()]
+        cells = [mean_sd(values, signed=True) for values in differences]
+        lines.append(f"| {key} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines if len(lines) > 4 else []
 
 
 def plot_losses(results: dict[str, dict[int, tuple[DemoResult, float]]], path: Path) -> None:
