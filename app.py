@@ -1,7 +1,8 @@
 """valign's demo app (Gradio): caption an image, or ask a question about it.
 
     python -m valign.app [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
-                         [--trust-remote-code] [--runtime auto|torch|onnx] [--precision auto|fp32|bf16]
+                         [--trust-remote-code] [--runtime auto|torch|compiled|onnx]
+                         [--precision auto|fp32|bf16|int8]
 
 A question is sent with the short-answer instruction the recipe trains VQA with (`--no-instruction`: alone); an
 empty question asks for a caption.
@@ -12,8 +13,9 @@ gradio reads when `--host`/`--port` are not given. Without a model the app takes
 checkpoint (`outputs/demo/stages/stage-3`, from `python -m valign.train`) if it exists, else builds a tiny random
 checkpoint offline (`outputs/app/tiny`) so that it starts anywhere; that one's answers are noise. valign's own
 classes load the model: the checkpoint's Python files run only with `--trust-remote-code`. The runtime is chosen as
-for the `valign` command (`export/runtime.py`): with `auto`, a cached ONNX export of the model runs on onnxruntime
-on a CPU without native bf16.
+for the `valign` command (`export/runtime.py`) for a server's many requests: with `auto`, compiled PyTorch in bf16 on
+a CPU with native bf16 (the first answer waits for the compiler), a cached ONNX export on onnxruntime on a CPU
+without it.
 
 The app sends nothing anywhere: analytics are off and no share link is made.
 """

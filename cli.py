@@ -2,16 +2,20 @@
 
     valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
     valign ask IMAGE "QUESTION" [--no-instruction] [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
-    (both: [--revision REV] [--trust-remote-code] [--runtime auto|torch|onnx] [--precision auto|fp32|bf16])
+    (both: [--revision REV] [--trust-remote-code] [--runtime auto|torch|compiled|onnx]
+           [--precision auto|fp32|bf16|int8])
     valign export CHECKPOINT [FOLDER] [--weights fp32|int8|int4] [--revision REV]
 
 `export` writes the model as ONNX graphs run by onnxruntime (`export/onnx_runtime.py`), into FOLDER or, without
 one, into valign's cache, where `--runtime auto` (the default) finds it. `auto` picks the fastest runtime that
 decodes the same tokens (`export/runtime.py`): an export given as `--model` or cached for the checkpoint runs on
-onnxruntime on a CPU without native bf16; PyTorch otherwise (bf16 on a CPU that computes it natively).
-`--runtime onnx` with a checkpoint exports it into the cache on first use. The ONNX runtime decodes greedily only,
-in fp32; `--precision fp32` makes PyTorch compute in fp32 too where `auto` would take bf16, for captions that must
-match the export's or another machine's token for token (bf16 rounding can tip a near tie between two tokens).
+onnxruntime on a CPU without native bf16; PyTorch otherwise (bf16 on a CPU that computes it natively, through
+compiled graphs and a static KV cache when there are enough images to pay for compiling: `compiled`).
+`--runtime onnx` with a checkpoint exports it into the cache on first use. The ONNX and compiled runtimes decode
+greedily only; ONNX computes in fp32. `--precision fp32` makes PyTorch compute in fp32 too where `auto` would take
+bf16, for captions that must match the export's or another machine's token for token (bf16 rounding can tip a near
+tie between two tokens); `--precision int8` stores the language model's weights as int8 (compiled runtime, or the
+cached int8 export with `--runtime onnx`), the fastest decode on a CPU.
 
 `ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
 `--no-instruction` sends the question alone.
@@ -135,14 +139,15 @@ def parser() -> argparse.ArgumentParser:
             "--runtime",
             choices=RUNTIMES,
             default="auto",
-            help="auto: onnxruntime when an export is given or cached and the CPU lacks native bf16, else PyTorch; "
-            "onnx: exports the checkpoint into the cache on first use",
+            help="auto: onnxruntime when an export is given or cached and the CPU lacks native bf16, else PyTorch "
+            "(compiled for many images); onnx: exports the checkpoint into the cache on first use",
         )
         command.add_argument(
             "--precision",
             choices=PRECISIONS,
             default="auto",
-            help="what PyTorch computes in; auto: bf16 on a GPU or a CPU with native bf16, else as saved (fp32)",
+            help="what the model computes in; auto: bf16 on a GPU or a CPU with native bf16, else as saved (fp32); "
+            "int8: int8 language-model weights (compiled or onnx runtime)",
         )
         command.add_argument(
             "--model", help=f"checkpoint folder or Hub repo id (default: ${MODEL_VARIABLE}, else {DEMO_CHECKPOINT})"
@@ -185,7 +190,7 @@ def failure(args: argparse.Namespace, status: int, message: str) -> int:
     return status
 
 
-def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
+def load_model(args: argparse.Namespace, generations: int) -> tuple[Any, Any]:
     try:
         name = args.model or default_model()
     except FileNotFoundError as error:  # no --model and no demo checkpoint: the message says how to get one
@@ -193,7 +198,7 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any]:
     kind = "local folder" if is_local(name) else "Hub repo id"
     try:
         model, processor, _ = load_for_generation(
-            name, args.revision, args.runtime, args.trust_remote_code, args.precision
+            name, args.revision, args.runtime, args.trust_remote_code, args.precision, generations
         )
         return model, processor
     except Exception as error:  # missing folder, unknown repo, not a valign checkpoint, broken weights
@@ -225,7 +230,7 @@ def answer_images(args: argparse.Namespace) -> int:
     # Loading notices and the weight-loading bar would bury the answers; errors still raise.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    model, processor = load_model(args)
+    model, processor = load_model(args, generations=len(paths))
 
     settings = DecodingSettings(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     failed = 0

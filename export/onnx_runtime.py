@@ -34,6 +34,7 @@ from ..checkpoint import load_checkpoint
 from ..configuration_valign import CACHE_NAME, ValignConfig
 from ..modeling_valign import build_attention_mask, check_pixel_values, positions_from_padding
 from ..processing_valign import ValignProcessor
+from .greedy import check_generation_config, check_greedy, decode_greedily
 
 VISION_FILE, DECODER_FILE, MANIFEST_FILE = "vision.onnx", "decoder.onnx", "onnx_export.json"
 EXPORT_FORMAT = 2  # raised whenever the graphs' inputs or outputs change (2: logits of the last position only)
@@ -210,22 +211,6 @@ def write_manifest(folder: Path, fields: dict) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(fields, indent=2) + "\n")
 
 
-# Generation settings whose logits processors the ONNX loop does not apply; a checkpoint that sets one is refused
-# rather than decoded differently from `generate`.
-UNSUPPORTED_GENERATION = (
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "bad_words_ids",
-    "min_length",
-    "min_new_tokens",
-    "begin_suppress_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "sequence_bias",
-    "encoder_repetition_penalty",
-)
-
-
 class OnnxValign:
     """An exported valign model run by onnxruntime: `generate` decodes greedily as `model.generate` does (the
     checkpoint's end-of-turn and padding tokens, the image token suppressed), so it can stand in for the model in
@@ -243,12 +228,7 @@ class OnnxValign:
             )
         self.config = ValignConfig.from_pretrained(self.folder)
         self.generation_config = GenerationConfig.from_pretrained(self.folder)
-        defaults = GenerationConfig()
-        changed = [
-            k for k in UNSUPPORTED_GENERATION if getattr(self.generation_config, k, None) != getattr(defaults, k, None)
-        ]
-        if changed:
-            raise ValueError(f"the ONNX runtime decodes greedily without {', '.join(changed)}, which {folder} sets")
+        check_generation_config(self.generation_config, str(folder), "ONNX")
         self.manifest = json.loads((self.folder / MANIFEST_FILE).read_text())
         options = onnxruntime.SessionOptions()
         if threads:
@@ -278,12 +258,6 @@ class OnnxValign:
         features = self.vision.run(None, {"pixel_values": pixel_values.float().numpy()})[0]
         return features.reshape(-1, features.shape[-1])
 
-    def next_token_scores(self, logits: np.ndarray) -> np.ndarray:
-        scores = logits[:, -1, :].astype(np.float32)
-        suppress = self.generation_config.suppress_tokens or []
-        scores[:, suppress] = -np.inf
-        return scores
-
     @torch.no_grad()
     def generate(
         self,
@@ -296,39 +270,22 @@ class OnnxValign:
         do_sample: bool = False,
     ) -> torch.Tensor:
         """Prompt and new tokens, `(batch, prompt + new)`, finished rows padded, as `generate` returns them."""
-        if num_beams != 1 or do_sample:
-            raise ValueError("the ONNX runtime decodes greedily only (num_beams=1, do_sample=False)")
         mode = attn_mode or self.config.attn_mode
-        if mode == "bidirectional":
-            raise ValueError("generation cannot use attn_mode='bidirectional'; pass attn_mode='hybrid'")
-        config = self.generation_config
-        eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-        eos = torch.tensor([token for token in eos if token is not None], dtype=torch.long)
-        pad = config.pad_token_id if config.pad_token_id is not None else int(eos[0]) if len(eos) else 0
-        batch = input_ids.shape[0]
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        check_greedy(mode, num_beams, do_sample, "ONNX")
         heads, head_dim = kv_shape(self.config)
-        cache = [np.zeros((batch, heads, 0, head_dim), dtype=np.float32) for _ in range(2 * self.layers)]
+        cache = [np.zeros((input_ids.shape[0], heads, 0, head_dim), dtype=np.float32) for _ in range(2 * self.layers)]
         features = self.image_features(pixel_values)
-        tokens, chunk, past = input_ids, input_ids, 0
-        unfinished = torch.ones(batch, dtype=torch.bool)
-        for _ in range(max_new_tokens):
-            image_mask = chunk == self.config.image_token_id
+
+        def step(chunk: torch.Tensor, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
+            nonlocal cache
             feeds = {
                 "input_ids": chunk.numpy(),
-                "image_features": features,
-                "attention_mask": self.step_mask(attention_mask, image_mask, mode, past),
-                "position_ids": positions_from_padding(attention_mask, batch, chunk.shape[1], past, "cpu").numpy(),
+                "image_features": features if past == 0 else features[:0],
+                "attention_mask": self.step_mask(attention_mask, chunk == self.config.image_token_id, mode, past),
+                "position_ids": positions_from_padding(attention_mask, *chunk.shape, past, "cpu").numpy(),
                 **dict(zip(cache_names(self.layers, "past_key_values"), cache)),
             }
             logits, *cache = self.decoder.run(None, feeds)
-            next_token = torch.from_numpy(self.next_token_scores(logits).argmax(-1))
-            next_token = torch.where(unfinished, next_token, torch.tensor(pad))
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            unfinished &= ~torch.isin(next_token, eos)
-            if not unfinished.any():
-                break
-            past += chunk.shape[1]
-            chunk, features = next_token[:, None], features[:0]
-            attention_mask = torch.cat([attention_mask, torch.ones(batch, 1, dtype=attention_mask.dtype)], dim=1)
-        return tokens
+            return torch.from_numpy(logits[:, -1])
+
+        return decode_greedily(step, input_ids, attention_mask, self.generation_config, max_new_tokens)

@@ -4,15 +4,21 @@ in one place for the `valign` command, the app and Python users (`load_for_gener
 `auto` (the default) takes, in order:
 
 - an ONNX export folder given as the model: onnxruntime;
-- a GPU, or a CPU that computes bf16 natively (AMX / AVX512-BF16): PyTorch, in bf16 on such a CPU;
+- `precision="int8"`: the compiled runtime (eager PyTorch has no fast int8 kernels);
+- a GPU: PyTorch eager;
+- a CPU that computes bf16 natively (AMX / AVX512-BF16): PyTorch in bf16, compiled (`export/compiled_runtime.py`)
+  when the load serves many generations (a server, or `generations` of at least `COMPILE_PAYS_AFTER`), since
+  compiling costs more than a few captions save; eager for fewer;
 - a CPU without native bf16 (e.g. AVX2 only), when the checkpoint's fp32 export is in the cache: onnxruntime, which
   runs at the weight-streaming floor there while eager PyTorch decodes 1.8x slower (BENCHMARKS.md);
 - else PyTorch, as saved.
 
-`precision` (`auto`, `fp32`, `bf16`) says what PyTorch computes in: `auto` is bf16 on a GPU or a CPU with native
-bf16 and the checkpoint's saved dtype elsewhere. bf16 may decode other tokens than fp32 (its rounding can tip a
-near tie between two tokens), so `fp32` is there for output that must match the ONNX export or another machine;
-with `fp32`, `auto` picks the runtime as on a CPU without native bf16. The ONNX export computes in fp32 only.
+`precision` (`auto`, `fp32`, `bf16`, `int8`) says what the model computes in: `auto` is bf16 on a GPU or a CPU with
+native bf16 and the checkpoint's saved dtype elsewhere; `int8` stores the language model's linear weights as int8
+(compiled runtime; with `--runtime onnx`, the checkpoint's cached int8 export) and computes as `auto`. bf16 may decode
+other tokens than fp32 (its rounding can tip a near tie between two tokens), so `fp32` is there for output that must
+match the ONNX export or another machine; with `fp32`, `auto` picks the runtime as on a CPU without native bf16.
+The ONNX export computes in fp32 only.
 
 Exporting takes minutes at the paper's shape, more than one caption saves, so `auto` never exports by itself:
 `valign export CHECKPOINT` (no folder) writes the export into the cache once, and `--runtime onnx` given a checkpoint
@@ -33,10 +39,14 @@ from typing import Any
 import torch
 
 from ..checkpoint import checkpoint_location, is_local, load_checkpoint, native_bf16, valign_cache
+from .compiled_runtime import CompiledValign
 from .onnx_runtime import EXPORT_FORMAT, MANIFEST_FILE, OnnxValign, export_onnx
 
-RUNTIMES = ("auto", "torch", "onnx")
-PRECISIONS = ("auto", "fp32", "bf16")
+RUNTIMES = ("auto", "torch", "compiled", "onnx")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# Generations after which compiling has paid for itself at the paper's shape on 2 AMX cores (BENCHMARKS.md): compiling
+# took COMPILE_SECONDS there and saved about a second a caption against eager bf16.
+COMPILE_PAYS_AFTER = 50
 
 
 def is_export(folder: str | Path) -> bool:
@@ -76,8 +86,9 @@ def ensure_export(checkpoint: Path, weights: str = "fp32") -> Path:
     return folder
 
 
-def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto") -> str:
-    """`torch` or `onnx` for `requested` (one of RUNTIMES) and the checkpoint in local folder `checkpoint`."""
+def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto", generations: int | None = None) -> str:
+    """`torch`, `compiled` or `onnx` for `requested` (one of RUNTIMES) and the checkpoint in local folder
+    `checkpoint`; `generations` is how many `generate` calls the load will serve (None: many, as a server's)."""
     if requested not in RUNTIMES:
         raise ValueError(f"runtime must be one of {RUNTIMES}, got {requested!r}")
     if precision not in PRECISIONS:
@@ -86,14 +97,18 @@ def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto") ->
         return requested
     if is_export(checkpoint):
         return "onnx"
-    if torch.cuda.is_available() or precision == "bf16" or (precision == "auto" and native_bf16("cpu")):
+    if precision == "int8":
+        return "compiled"
+    if torch.cuda.is_available():
         return "torch"
+    if precision == "bf16" or (precision == "auto" and native_bf16("cpu")):
+        return "compiled" if generations is None or generations >= COMPILE_PAYS_AFTER else "torch"
     return "onnx" if is_export(cached_export(checkpoint)) else "torch"
 
 
 def torch_dtype(precision: str, device: str) -> torch.dtype | None:
     """The dtype PyTorch loads the weights in; None keeps the saved one (fp32 for valign's own checkpoints)."""
-    if precision == "auto":  # emulated bf16 (a CPU without AVX512-BF16 or AMX) is slower than fp32
+    if precision in ("auto", "int8"):  # emulated bf16 (a CPU without AVX512-BF16 or AMX) is slower than fp32
         return torch.bfloat16 if native_bf16(device) else None
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -104,22 +119,29 @@ def load_for_generation(
     runtime: str = "auto",
     trust_remote_code: bool = False,
     precision: str = "auto",
+    generations: int | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, processor, runtime used) for generating with the checkpoint or export `name` (folder or Hub id).
 
     The model has `generate` and stands in wherever `eval.generate.generate_answers` takes one. `runtime="onnx"` with
-    a checkpoint runs its cached fp32 export, exporting it first when missing.
+    a checkpoint runs its cached export (fp32, or int8 for `precision="int8"`), exporting it first when missing.
+    `generations` (None: many) lets `auto` weigh compiling against the time it saves.
     """
     folder = checkpoint_folder(name, revision)
-    used = choose_runtime(runtime, folder, precision)
+    used = choose_runtime(runtime, folder, precision, generations)
     if used == "onnx":
         if precision == "bf16":
             raise ValueError("the ONNX runtime computes in fp32: use precision fp32 or auto, or the torch runtime")
-        model = OnnxValign(folder if is_export(folder) else ensure_export(folder))
+        weights = "int8" if precision == "int8" else "fp32"
+        model = OnnxValign(folder if is_export(folder) else ensure_export(folder, weights))
         return model, model.processor(), used
     if is_export(folder):
         raise ValueError(f"{name} is an ONNX export: run it with the onnx runtime, or give its checkpoint")
+    if precision == "int8" and used == "torch":
+        raise ValueError("int8 weights run on the compiled or onnx runtime")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch_dtype(precision, device)
     model, processor = load_checkpoint(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    if used == "compiled":
+        model = CompiledValign(model, weights="int8" if precision == "int8" else "native")
     return model, processor, used

@@ -111,7 +111,7 @@ def test_auto_takes_bf16_pytorch_where_the_cpu_computes_bf16(exported: Path, own
     shutil.copytree(exported, cached_export(own_checkpoint))  # even with an export at hand
     assert choose_runtime("auto", own_checkpoint) == "onnx"
     monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": True)
-    model, _, used = load_for_generation(own_checkpoint)
+    model, _, used = load_for_generation(own_checkpoint, generations=1)  # too few to pay for compiling
     assert used == "torch" and model.dtype == torch.bfloat16
     # Asked for fp32 (to match the export token for token), auto picks as on a CPU without native bf16.
     assert load_for_generation(own_checkpoint, precision="fp32")[2] == "onnx"
