@@ -19,6 +19,7 @@ prints.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import platform
 import statistics
@@ -46,17 +47,20 @@ from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
 from valign.checkpoint import load_checkpoint
+from valign.export.compiled_runtime import CompiledValign
 from valign.export.onnx_runtime import DECODER_FILE, OnnxValign, export_model, quantize_export
 
 TEXT_TOKENS = 15  # the prompt around the image: a chat turn asking for a caption
 
 
-def decode_weight_bytes(model: ValignForConditionalGeneration) -> int:
-    """Bytes a decode step must read: the language model's parameters except its embedding table, plus the head."""
+def decode_weight_bytes(model: ValignForConditionalGeneration, int8_linear: bool = False) -> int:
+    """Bytes a decode step must read: the language model's parameters except its embedding table, plus the head;
+    `int8_linear`: with every linear weight stored in one byte (the compiled runtime's int8; scales not counted)."""
     embedding = model.get_input_embeddings().weight
-    language = sum(p.numel() * p.element_size() for p in model.language_model.parameters() if p is not embedding)
+    linear = {id(m.weight) for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)}
     head = model.get_output_embeddings().weight
-    return language + head.numel() * head.element_size()
+    weights = [p for p in model.language_model.parameters() if p is not embedding] + [head]
+    return sum(p.numel() * (1 if int8_linear and (id(p) in linear or p is head) else p.element_size()) for p in weights)
 
 
 def prompt_inputs(config: ValignConfig, batch: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -90,38 +94,50 @@ def measure_torch(model, inputs: dict, new_tokens: int, repeats: int) -> dict[st
     return token_times(generate, clock, new_tokens, repeats)
 
 
-def measure_onnx(runtime: OnnxValign, inputs: dict, new_tokens: int, repeats: int) -> dict[str, float]:
-    """The same figures for the ONNX runtime, clocked after each decoder call (the first is the prefill)."""
+def measure_runtime(runtime, calls: list[tuple[object, str]], inputs: dict, new_tokens: int, repeats: int) -> dict:
+    """The same figures for valign's own runtimes (ONNX, compiled), clocked after each call of the named methods,
+    which together run once per token (the first call is the prefill)."""
     runtime.generation_config.eos_token_id = None  # random weights: never stop early
-    clock, run = TokenClock(), runtime.decoder.run
+    clock = TokenClock()
 
-    def clocked_run(*args, **kwargs):
-        outputs = run(*args, **kwargs)
-        clock.times.append(time.perf_counter())
-        return outputs
+    def clocked(call):
+        def run(*args, **kwargs):
+            outputs = call(*args, **kwargs)
+            clock.times.append(time.perf_counter())
+            return outputs
 
-    runtime.decoder.run = clocked_run
+        return run
+
+    originals = [(owner, name, getattr(owner, name)) for owner, name in calls]
+    for owner, name, call in originals:
+        setattr(owner, name, clocked(call))
     try:
         return token_times(lambda: runtime.generate(**inputs, max_new_tokens=new_tokens), clock, new_tokens, repeats)
     finally:
-        runtime.decoder.run = run
+        for owner, name, call in originals:
+            setattr(owner, name, call)
 
 
 def token_times(generate: Callable[[], object], clock: TokenClock, new_tokens: int, repeats: int) -> dict[str, float]:
     """Median time to the first token and per decode step, read off `clock` within each of `repeats` generations
     (after a warm-up): within one call, so the prefill's run-to-run variation does not leak into the decode step."""
-    first, step = [], []
+    first, step, calls = [], [], []
     for index in range(repeats + 1):
         clock.times.clear()
         synchronize()
         start = time.perf_counter()
         generate()
+        calls.append(time.perf_counter() - start)
         if len(clock.times) != new_tokens:
             raise RuntimeError(f"expected {new_tokens} new tokens, clocked {len(clock.times)}")
-        if index:  # the first call warms up
+        if index:  # the first call warms up (and compiles, for the compiled runtime)
             first.append(clock.times[0] - start)
             step.append((clock.times[-1] - clock.times[0]) / (new_tokens - 1))
-    return {"first_token_s": statistics.median(first), "decode_s": statistics.median(step)}
+    return {
+        "first_token_s": statistics.median(first),
+        "decode_s": statistics.median(step),
+        "warmup_extra_s": calls[0] - statistics.median(calls[1:]),
+    }
 
 
 def onnx_decode_bytes(folder: Path, config: ValignConfig) -> int:
@@ -173,6 +189,19 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
                 result = measure_torch(typed, batch_inputs, args.new_tokens, args.repeats)
                 floors = flops[batch] / rate, decode_weight_bytes(typed) / stream
                 rows.append(row(f"PyTorch eager, {dtype_name(dtype)}", batch, result, *floors, args.new_tokens))
+        if dtype == torch.float32 and len(dtypes) > 1:
+            continue  # compiled: in the fastest float dtype only (compiling each variant takes about a minute)
+        for weights in args.compiled:
+            runtime = CompiledValign(copy.deepcopy(typed), weights)
+            name = f"PyTorch compiled, {'int8 weights, ' if weights == 'int8' else ''}{dtype_name(dtype)}"
+            bytes_read = decode_weight_bytes(typed, int8_linear=weights == "int8")
+            for batch in args.batches:
+                batch_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs[batch].items()}
+                calls = [(runtime, "prefill"), (runtime, "decode_step")]
+                result = measure_runtime(runtime, calls, batch_inputs, args.new_tokens, args.repeats)
+                floors = flops[batch] / rate, bytes_read / stream
+                rows.append(row(name, batch, result, *floors, args.new_tokens))
+            del runtime
     if args.onnx:
         model = model.to("cpu", torch.float32)
         rate, stream = limits[torch.float32]  # onnxruntime computes in fp32, int weights are unpacked on the fly
@@ -184,7 +213,8 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
             folder = fp32 if weights == "fp32" else quantize_export(fp32, weights, scratch / weights)
             runtime = OnnxValign(folder)
             for batch in args.batches:
-                result = measure_onnx(runtime, inputs[batch], args.new_tokens, args.repeats)
+                calls = [(runtime.decoder, "run")]
+                result = measure_runtime(runtime, calls, inputs[batch], args.new_tokens, args.repeats)
                 floors = flops[batch] / rate, onnx_decode_bytes(folder, config) / stream
                 rows.append(row(f"onnxruntime, {weights} weights", batch, result, *floors, args.new_tokens))
             del runtime
@@ -208,13 +238,14 @@ def report(rows: list[dict], limits: dict, new_tokens: int, subject: str) -> str
     lines += [
         "",
         f"| runtime, weights | batch | time to first token (floor, ×) | decode per token (floor, ×) | "
-        f"{new_tokens}-token caption (floor, ×) |",
-        "|---|---|---|---|---|",
+        f"{new_tokens}-token caption (floor, ×) | first call's extra time (compiling) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['variant']} | {r['batch']} | {ratio(r['first_token_s'], r['prefill_floor_s'])} | "
-            f"{ratio(r['decode_s'], r['decode_floor_s'], ms=True)} | {ratio(r['caption_s'], r['caption_floor_s'])} |"
+            f"{ratio(r['decode_s'], r['decode_floor_s'], ms=True)} | {ratio(r['caption_s'], r['caption_floor_s'])} | "
+            f"{r['warmup_extra_s']:.1f} s |"
         )
     lines += [
         "",
@@ -241,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--onnx", nargs="*", default=["fp32", "int8", "int4"], help="exported variants to time")
+    parser.add_argument(
+        "--compiled", nargs="*", default=["native", "int8"], help="compiled-runtime weights to time (native: as eager)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     parser.add_argument("--checkpoint", type=Path, help="time this checkpoint instead of the random paper shape")
     args = parser.parse_args(argv)

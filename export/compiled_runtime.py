@@ -96,7 +96,9 @@ class CompiledValign:
         def step(chunk: torch.Tensor, attention_mask: torch.Tensor, past: int) -> torch.Tensor:
             if past == 0:
                 return self.prefill(chunk, attention_mask, pixel_values, mode, cache)
+            # A column sliced off the growing mask has a new stride every step, and a graph is compiled per stride.
             positions = positions_from_padding(attention_mask, batch, 1, past, self.device)
+            positions = positions.clone(memory_format=torch.contiguous_format)
             return self.decode_step(chunk, positions, step_mask, cache)
 
         return decode_greedily(step, input_ids, attention_mask, self.generation_config, max_new_tokens)

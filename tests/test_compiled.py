@@ -15,6 +15,14 @@ from valign.export.runtime import choose_runtime, load_for_generation
 QUESTIONS = ["What colour is the shape?", "Describe the image in detail, with many words, please."]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_silent_eager_fallback():
+    """A graph recompiled at every step (e.g. for a new stride) hits dynamo's limit, after which it runs eagerly:
+    the same tokens, the speed lost. Here that is an error."""
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+
+
 @pytest.fixture(scope="module")
 def eager_and_compiled(checkpoint):
     """The test checkpoint twice, in fp32: as loaded (eager `generate`) and wrapped by the compiled runtime."""
