@@ -38,6 +38,7 @@ from harness import (
     device,
     machine_description,
     matmul_flops_per_second,
+    release_memory,
     replace_section,
     synchronize,
     weight_stream_rate,
@@ -202,6 +203,8 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
                 floors = flops[batch] / rate, bytes_read / stream
                 rows.append(row(name, batch, result, *floors, args.new_tokens))
             del runtime
+            torch._dynamo.reset()  # its graphs hold the frozen weights: two variants' copies overflowed 24 GiB
+            release_memory()
     if args.onnx:
         model = model.to("cpu", torch.float32)
         rate, stream = limits[torch.float32]  # onnxruntime computes in fp32, int weights are unpacked on the fly
