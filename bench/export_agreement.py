@@ -1,10 +1,12 @@
 """How far the exported and quantized variants of a trained checkpoint agree with it on the demo's test sets.
 
-Exports CHECKPOINT to ONNX (fp32, then int8 and int4 weights), and scores PyTorch and every variant on the demo's
-held-out data: easy-VQA test questions (accuracy per type) and captions of held-out scenes (CIDEr), with the share
+Exports CHECKPOINT to ONNX (fp32, then int8 and int4 weights), runs it on the compiled PyTorch runtime (bf16 where
+the CPU computes it, and with int8 weights), and scores PyTorch and every variant on the demo's held-out data:
+easy-VQA test questions (accuracy per type) and captions of held-out scenes (CIDEr), with the share
 of answers and captions identical to PyTorch's. Results replace the `agreement` section of BENCHMARKS.md.
 
-    .venv/bin/python bench/export_agreement.py CHECKPOINT [--weights fp32 int8 int4] [--no-write]
+    .venv/bin/python bench/export_agreement.py CHECKPOINT [--weights fp32 int8 int4] [--compiled native int8]
+                                               [--no-write]
 
 CHECKPOINT: a demo checkpoint on the packaged backbones, e.g. `outputs/demo/stages/stage-3` after
 `python -m valign.train`, or a snapshot of `python -m valign.train curve`.
@@ -18,7 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from harness import machine_description, replace_section
+import torch
+from harness import cpu_supports_bf16, machine_description, replace_section
 from transformers.utils import logging as hf_logging
 
 from valign.checkpoint import load_checkpoint
@@ -26,6 +29,7 @@ from valign.data.prompts import CAPTION_PROMPT
 from valign.data.synthetic import make_caption_eval_set
 from valign.eval.captions import evaluate_captions
 from valign.eval.generate import DecodingSettings
+from valign.export.compiled_runtime import WEIGHTS, CompiledValign
 from valign.export.onnx_runtime import OnnxValign, export_onnx, quantize_export
 from valign.train.demo import DemoSizes, evaluate_demo_vqa
 
@@ -54,7 +58,8 @@ def report(checkpoint: str, results: dict[str, dict]) -> str:
     lines = [
         f"Measured {datetime.date.today().isoformat()} by `bench/export_agreement.py {checkpoint}` on "
         f"{machine_description()}: {len(reference['vqa']['predictions'])} easy-VQA test questions and "
-        f"{len(caption_texts(reference))} held-out scene captions (greedy), PyTorch against valign's ONNX export.",
+        f"{len(caption_texts(reference))} held-out scene captions (greedy), PyTorch eager fp32 against valign's "
+        "compiled runtime and ONNX export.",
         "",
         "| runtime, weights | VQA accuracy | shape | colour | yes/no | answers identical to PyTorch | caption CIDEr | "
         "captions identical to PyTorch | evaluation seconds |",
@@ -77,12 +82,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
     parser.add_argument("--weights", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
+    parser.add_argument(
+        "--compiled", nargs="*", default=list(WEIGHTS), choices=WEIGHTS, help="compiled runtime weights"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     sizes = DemoSizes()
     model, processor = load_checkpoint(args.checkpoint)
     results = {"PyTorch eager, fp32": scores(model, processor, sizes)}
+    dtype = torch.bfloat16 if cpu_supports_bf16() else torch.float32  # what `--precision auto` computes in
+    for weights in args.compiled:
+        compiled = CompiledValign(load_checkpoint(args.checkpoint, dtype=dtype)[0], weights)
+        name = f"PyTorch compiled, {'int8 weights, ' if weights == 'int8' else ''}{str(dtype).removeprefix('torch.')}"
+        results[name] = scores(compiled, processor, sizes)
+        print(report(args.checkpoint, results), flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(args.checkpoint, Path(scratch) / "fp32")
         for weights in args.weights:
