@@ -229,7 +229,9 @@ def report(rows: list[dict], limits: dict, new_tokens: int, subject: str) -> str
         f"Measured {datetime.date.today().isoformat()} by `bench/inference.py` on {machine_description()}; Python "
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"onnxruntime {onnxruntime.__version__}. {subject}, its image tokens + {TEXT_TOKENS} "
-        f"text tokens, {new_tokens} greedy tokens; PyTorch: eager `generate` (dynamic KV cache, SDPA); onnxruntime: "
+        f"text tokens, {new_tokens} greedy tokens; PyTorch: eager `generate` (dynamic KV cache, SDPA) and the compiled "
+        "runtime (`--runtime compiled`: static KV cache, inductor graphs with frozen weights; int8: torchao "
+        "weight-only); onnxruntime: "
         "valign's export (`valign export`; int weights block-quantized by `MatMulNBits`, whose kernels quantize "
         "activations per block on the fly). Medians of the timed calls. Floors from this run:",
         "",
