@@ -81,7 +81,7 @@ def report(checkpoint: str, results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint")
-    parser.add_argument("--weights", nargs="+", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
+    parser.add_argument("--weights", nargs="*", default=["fp32", "int8", "int4"], choices=["fp32", "int8", "int4"])
     parser.add_argument(
         "--compiled", nargs="*", default=list(WEIGHTS), choices=WEIGHTS, help="compiled runtime weights"
     )
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = scores(compiled, processor, sizes)
         print(report(args.checkpoint, results), flush=True)
     with tempfile.TemporaryDirectory() as scratch:
-        fp32 = export_onnx(args.checkpoint, Path(scratch) / "fp32")
+        fp32 = export_onnx(args.checkpoint, Path(scratch) / "fp32") if args.weights else None
         for weights in args.weights:
             folder = fp32 if weights == "fp32" else quantize_export(fp32, weights, Path(scratch) / weights)
             results[f"onnxruntime, {weights} weights"] = scores(OnnxValign(folder), processor, sizes)
