@@ -2,7 +2,7 @@
 
     python -m valign.app [--model PATH_OR_HUB_ID] [--host 127.0.0.1] [--port 7860] [--no-instruction]
                          [--trust-remote-code] [--runtime auto|torch|compiled|onnx]
-                         [--precision auto|fp32|bf16|int8]
+                         [--precision auto|fp32|bf16|int8|w8a8]
 
 A question is sent with the short-answer instruction the recipe trains VQA with (`--no-instruction`: alone); an
 empty question asks for a caption.

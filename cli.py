@@ -3,7 +3,7 @@
     valign caption IMAGE... [--prompt TEXT] [--model PATH_OR_HUB_ID] [--batch-size 8] [--max-new-tokens 40] [--json]
     valign ask IMAGE "QUESTION" [--no-instruction] [--model PATH_OR_HUB_ID] [--max-new-tokens 40] [--json]
     (both: [--revision REV] [--trust-remote-code] [--runtime auto|torch|compiled|onnx]
-           [--precision auto|fp32|bf16|int8])
+           [--precision auto|fp32|bf16|int8|w8a8])
     valign export CHECKPOINT [FOLDER] [--weights fp32|int8|int4] [--revision REV]
 
 `export` writes the model as ONNX graphs run by onnxruntime (`export/onnx_runtime.py`), into FOLDER or, without
@@ -15,7 +15,8 @@ compiled graphs and a static KV cache when there are enough images to pay for co
 greedily only; ONNX computes in fp32. `--precision fp32` makes PyTorch compute in fp32 too where `auto` would take
 bf16, for captions that must match the export's or another machine's token for token (bf16 rounding can tip a near
 tie between two tokens); `--precision int8` stores the language model's weights as int8 (compiled runtime, or the
-cached int8 export with `--runtime onnx`), the fastest decode on a CPU.
+cached int8 export with `--runtime onnx`); `w8a8` (compiled runtime) quantizes its activations too, the fastest
+decode on a CPU.
 
 `ask` sends the question with the short-answer instruction the recipe trains VQA with (`data.prompts.vqa_prompt`);
 `--no-instruction` sends the question alone.
@@ -147,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
             choices=PRECISIONS,
             default="auto",
             help="what the model computes in; auto: bf16 on a GPU or a CPU with native bf16, else as saved (fp32); "
-            "int8: int8 language-model weights (compiled or onnx runtime)",
+            "int8: int8 language-model weights (compiled or onnx runtime); w8a8: int8 weights and activations "
+            "(compiled runtime)",
         )
         command.add_argument(
             "--model", help=f"checkpoint folder or Hub repo id (default: ${MODEL_VARIABLE}, else {DEMO_CHECKPOINT})"

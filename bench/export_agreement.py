@@ -1,11 +1,11 @@
 """How far the exported and quantized variants of a trained checkpoint agree with it on the demo's test sets.
 
 Exports CHECKPOINT to ONNX (fp32, then int8 and int4 weights), runs it on the compiled PyTorch runtime (bf16 where
-the CPU computes it, and with int8 weights), and scores PyTorch and every variant on the demo's held-out data:
-easy-VQA test questions (accuracy per type) and captions of held-out scenes (CIDEr), with the share
-of answers and captions identical to PyTorch's. Results replace the `agreement` section of BENCHMARKS.md.
+the CPU computes it, with int8 weights, and with int8 weights and activations), and scores PyTorch and every variant
+on the demo's held-out data: easy-VQA test questions (accuracy per type) and captions of held-out scenes (CIDEr),
+with the share of answers and captions identical to PyTorch's. Results replace the `agreement` section of BENCHMARKS.md.
 
-    .venv/bin/python bench/export_agreement.py CHECKPOINT [--weights fp32 int8 int4] [--compiled native int8]
+    .venv/bin/python bench/export_agreement.py CHECKPOINT [--weights fp32 int8 int4] [--compiled native int8 w8a8]
                                                [--no-write]
 
 CHECKPOINT: a demo checkpoint on the packaged backbones, e.g. `outputs/demo/stages/stage-3` after
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import cpu_supports_bf16, machine_description, replace_section
+from harness import compiled_variant, cpu_supports_bf16, machine_description, replace_section
 from transformers.utils import logging as hf_logging
 
 from valign.checkpoint import load_checkpoint
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if cpu_supports_bf16() else torch.float32  # what `--precision auto` computes in
     for weights in args.compiled:
         compiled = CompiledValign(load_checkpoint(args.checkpoint, dtype=dtype)[0], weights)
-        name = f"PyTorch compiled, {'int8 weights, ' if weights == 'int8' else ''}{str(dtype).removeprefix('torch.')}"
-        results[name] = scores(compiled, processor, sizes)
+        results[compiled_variant(weights, dtype)] = scores(compiled, processor, sizes)
         print(report(args.checkpoint, results), flush=True)
     with tempfile.TemporaryDirectory() as scratch:
         fp32 = export_onnx(args.checkpoint, Path(scratch) / "fp32") if args.weights else None

@@ -161,6 +161,18 @@ def machine_description() -> str:
     return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU (torch threads: {torch.get_num_threads()})"
 
 
+COMPILED_WEIGHTS = {"native": "", "int8": "int8 weights, ", "w8a8": "int8 weights and activations, "}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def compiled_variant(weights: str, dtype: torch.dtype) -> str:
+    """The row name of the compiled runtime with `weights` (`export.compiled_runtime.WEIGHTS`) computing in `dtype`."""
+    return f"PyTorch compiled, {COMPILED_WEIGHTS[weights]}{dtype_name(dtype)}"
+
+
 def cpu_supports_bf16() -> bool:
     flags = next((line for line in cpuinfo() if line.startswith("flags")), "")
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))

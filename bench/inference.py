@@ -7,13 +7,14 @@ reads one row per token). Every figure is reported beside its floor and as time 
 
 The model is valign's default shape (SigLIP so400m-patch14-224 + Qwen2.5-0.5B) with random weights, prompted with
 256 image tokens + 15 text tokens and made to generate exactly `--new-tokens` tokens greedily: PyTorch eager (fp32,
-and bf16 where the hardware computes it), then the model exported to ONNX (fp32, and its int8 / int4 weight-only
+and bf16 where the hardware computes it), the compiled runtime in the fastest float dtype (as loaded, int8 weights,
+int8 weights and activations: `--compiled`), then the model exported to ONNX (fp32, and its int8 / int4 weight-only
 variants) run by onnxruntime. Results replace the inference section of BENCHMARKS.md. `--checkpoint` times a saved
 checkpoint instead (e.g. the demo's, to see where the export pays: the time the export took is reported) and only
 prints.
 
     .venv/bin/python bench/inference.py [--batches 1 8] [--new-tokens 20] [--repeats 3] [--onnx fp32 int8 int4]
-                                        [--checkpoint FOLDER]
+                                        [--compiled native int8 w8a8] [--checkpoint FOLDER]
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import torch
 import transformers
 from harness import (
     TokenClock,
+    compiled_variant,
     count_flops,
     cpu_supports_bf16,
     device,
+    dtype_name,
     machine_description,
     matmul_flops_per_second,
     release_memory,
@@ -48,7 +51,7 @@ from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
 from valign.checkpoint import load_checkpoint
-from valign.export.compiled_runtime import CompiledValign
+from valign.export.compiled_runtime import WEIGHTS, CompiledValign
 from valign.export.onnx_runtime import DECODER_FILE, OnnxValign, export_model, quantize_export
 
 TEXT_TOKENS = 15  # the prompt around the image: a chat turn asking for a caption
@@ -56,7 +59,8 @@ TEXT_TOKENS = 15  # the prompt around the image: a chat turn asking for a captio
 
 def decode_weight_bytes(model: ValignForConditionalGeneration, int8_linear: bool = False) -> int:
     """Bytes a decode step must read: the language model's parameters except its embedding table, plus the head;
-    `int8_linear`: with every linear weight stored in one byte (the compiled runtime's int8; scales not counted)."""
+    `int8_linear`: with every linear weight stored in one byte (the compiled runtime's int8 and w8a8; scales not
+    counted)."""
     embedding = model.get_input_embeddings().weight
     linear = {id(m.weight) for m in model.language_model.modules() if isinstance(m, torch.nn.Linear)}
     head = model.get_output_embeddings().weight
@@ -194,8 +198,8 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
             continue  # compiled: in the fastest float dtype only (compiling each variant takes about a minute)
         for weights in args.compiled:
             runtime = CompiledValign(copy.deepcopy(typed), weights)
-            name = f"PyTorch compiled, {'int8 weights, ' if weights == 'int8' else ''}{dtype_name(dtype)}"
-            bytes_read = decode_weight_bytes(typed, int8_linear=weights == "int8")
+            name = compiled_variant(weights, dtype)
+            bytes_read = decode_weight_bytes(typed, int8_linear=weights != "native")
             for batch in args.batches:
                 batch_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs[batch].items()}
                 calls = [(runtime, "prefill"), (runtime, "decode_step")]
@@ -230,8 +234,8 @@ def report(rows: list[dict], limits: dict, new_tokens: int, subject: str) -> str
         f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
         f"onnxruntime {onnxruntime.__version__}. {subject}, its image tokens + {TEXT_TOKENS} "
         f"text tokens, {new_tokens} greedy tokens; PyTorch: eager `generate` (dynamic KV cache, SDPA) and the compiled "
-        "runtime (`--runtime compiled`: static KV cache, inductor graphs with frozen weights; int8: torchao "
-        "weight-only); onnxruntime: "
+        "runtime (`--runtime compiled`: static KV cache, inductor graphs with frozen weights; the prompt in float, "
+        "decode steps with torchao's int8 weight-only or int8 weights and dynamic int8 activations); onnxruntime: "
         "valign's export (`valign export`; int weights block-quantized by `MatMulNBits`, whose kernels quantize "
         "activations per block on the fly). Medians of the timed calls. Floors from this run:",
         "",
@@ -267,10 +271,6 @@ def ratio(seconds: float, floor: float, ms: bool = False) -> str:
     return f"{shown}, {seconds / floor:.1f}×)"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
@@ -278,7 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--onnx", nargs="*", default=["fp32", "int8", "int4"], help="exported variants to time")
     parser.add_argument(
-        "--compiled", nargs="*", default=["native", "int8"], help="compiled-runtime weights to time (native: as eager)"
+        "--compiled",
+        nargs="*",
+        default=list(WEIGHTS),
+        choices=WEIGHTS,
+        help="compiled-runtime weights to time (native: as eager)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md as it is")
     parser.add_argument("--checkpoint", type=Path, help="time this checkpoint instead of the random paper shape")

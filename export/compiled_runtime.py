@@ -4,16 +4,20 @@ Eager `generate` spends most of a decode step around the matrix products on a CP
 kernel per operation): at the paper's shape on 2 cores it decoded at 98 ms a token in bf16 against a 24 ms floor
 (BENCHMARKS.md). Here
 
-- the prompt, images included, runs through `forward` exactly as eager generation runs it (one definition of the
-  attention policy), into a dynamic cache whose keys and values are then written into a `StaticCache`;
-- every later token runs the language model and its head as one graph compiled by inductor for the cache's fixed
-  length, so a step is a few fused kernels;
-- the vision tower is compiled too (images have one size).
+- the prompt, images included, runs through `forward` (one definition of the attention policy) compiled by inductor
+  as one graph per batch size and prompt length, the prompt left-padded to a multiple of `PROMPT_BUCKET` tokens so
+  that questions of similar length share a graph; its keys and values are then written into a `StaticCache`;
+- every later token runs the language model and its head as one graph compiled for the cache's fixed length, so a
+  step is a few fused kernels.
 
-`weights="int8"` stores the language model's and the head's linear weights as int8 with one scale per output channel
-(torchao's `Int8WeightOnlyConfig`, made for inductor to fuse the dequantization into the matrix–vector products), so
-a decode step reads half the bytes of bf16. Its tokens may differ from bf16's; `bench/export_agreement.py` measures
-by how much.
+`weights="int8"` gives the decode steps a copy of the language model and head whose linear weights are int8 with one
+scale per output channel (torchao's `Int8WeightOnlyConfig`), so a step, which is bound by reading weights, reads half
+the bytes of bf16; `weights="w8a8"` also quantizes each step's activations to int8 per token
+(`Int8DynamicActivationInt8WeightConfig`), so inductor runs the products as int8 x int8 kernels: at the paper's
+shape on 2 AMX cores a decode step took 18 ms against 42 ms weight-only and 57-63 ms in bf16 (BENCHMARKS.md).
+The prompt keeps the float weights: it is bound by computing, and inductor's int8 weight-only kernels for many rows
+ran the paper's 271-token prompt through the language model in 1.37 s against 0.16 s in bf16. Quantized tokens may
+differ from bf16's; `bench/export_agreement.py` measures by how much.
 
 Compiling costs tens of seconds for each new shape (batch size, cache-length bucket), once per process (inductor
 caches its work on disk, so later processes compile faster): it pays over many generations, such as the app's or a
@@ -22,6 +26,7 @@ folder of images (see `export/runtime.py` for when `auto` takes it).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -32,17 +37,24 @@ from ..configuration_valign import CACHE_NAME
 from ..modeling_valign import positions_from_padding
 from .greedy import check_generation_config, check_greedy, decode_greedily
 
-CACHE_BUCKET = 128  # cache lengths round up to a multiple of this, so prompts of similar length share one graph
-WEIGHTS = ("native", "int8")
+PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this, so prompts of similar length share one graph
+CACHE_BUCKET = 128  # cache lengths round up to a multiple of this, for the same reason
+# Decode-step weights: as loaded, or int8 through torchao — weight-only (activations stay float), or with each
+# step's activations quantized to int8 per token too, so the products run as int8 x int8 (AMX / VNNI kernels).
+QUANTIZED = {"int8": "Int8WeightOnlyConfig", "w8a8": "Int8DynamicActivationInt8WeightConfig"}
+WEIGHTS = ("native", *QUANTIZED)
+RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default, 8, would run later shapes eagerly, silently)
 
 
-def quantize_language_model(model: nn.Module) -> None:
-    """int8 weight-only language model and head (torchao; its other modules keep their dtype)."""
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+def quantized_copy(module: nn.Module, weights: str, share: nn.Module | None = None) -> nn.Module:
+    """A copy of `module` whose linear layers are quantized as `weights` names (torchao); `share`, a submodule, is
+    not copied."""
+    import torchao.quantization
 
-    config = Int8WeightOnlyConfig(set_inductor_config=False)
-    quantize_(model.model.language_model, config)
-    quantize_(model.lm_head, config)
+    config = getattr(torchao.quantization, QUANTIZED[weights])(set_inductor_config=False)
+    module = copy.deepcopy(module, memo={} if share is None else {id(share): share})
+    torchao.quantization.quantize_(module, config)
+    return module
 
 
 class CompiledValign:
@@ -57,19 +69,36 @@ class CompiledValign:
         self.model = model.eval()
         self.config, self.generation_config, self.device = model.config, model.generation_config, model.device
         check_generation_config(self.generation_config, "the checkpoint", "compiled")
-        if weights == "int8":
-            quantize_language_model(model)
-        model.model.vision_tower.compile(dynamic=False)
+        self.decoder, self.decoder_head = model.model.language_model, model.lm_head
+        if weights in QUANTIZED:
+            self.decoder = quantized_copy(self.decoder, weights, share=self.decoder.get_input_embeddings())
+            self.decoder_head = quantized_copy(self.decoder_head, weights)
+        self.prompt_step = torch.compile(self._prompt_step, dynamic=False)
         self.decode_step = torch.compile(self._decode_step, dynamic=False)
         self.caches: dict[tuple[int, int], StaticCache] = {}
 
     def _decode_step(
         self, tokens: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache: StaticCache
     ) -> torch.Tensor:
-        hidden = self.model.model.language_model(
+        hidden = self.decoder(
             input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids, **{CACHE_NAME: cache}
         ).last_hidden_state
-        return self.model.lm_head(hidden[:, -1])
+        return self.decoder_head(hidden[:, -1])
+
+    def _prompt_step(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None, mode: str
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The prompt's next-token logits from `forward`, and each layer's keys and values."""
+        cache = DynamicCache(config=self.config.text_config)
+        logits = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            attn_mode=mode,
+            logits_to_keep=1,
+            **{CACHE_NAME: cache},
+        ).logits
+        return logits[:, -1], [(layer.keys, layer.values) for layer in cache.layers]
 
     @torch.no_grad()
     def generate(
@@ -85,8 +114,12 @@ class CompiledValign:
         """Prompt and new tokens, `(batch, prompt + new)`, finished rows padded, as `generate` returns them."""
         mode = attn_mode or self.config.attn_mode
         check_greedy(mode, num_beams, do_sample, "compiled")
-        batch, prompt = input_ids.shape
+        batch = input_ids.shape[0]
         prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        padding = -input_ids.shape[1] % PROMPT_BUCKET
+        input_ids = nn.functional.pad(input_ids, (padding, 0), value=self.generation_config.pad_token_id or 0)
+        prompt_mask = nn.functional.pad(prompt_mask, (padding, 0), value=0)
+        prompt = input_ids.shape[1]
         length = CACHE_BUCKET * math.ceil((prompt + max_new_tokens) / CACHE_BUCKET)
         cache = self.static_cache(batch, length)
         # One padding mask for every decode step, so each step reuses one graph: the slots after the prompt hold
@@ -104,8 +137,12 @@ class CompiledValign:
         # Freezing makes the weights constants of the graphs, which inductor lays out for its kernels: decode steps
         # 1.35x faster at the paper's shape (BENCHMARKS.md). It is read when a graph compiles, i.e. within the calls
         # (`torch.compile(options=...)` did not apply it).
-        with torch._inductor.config.patch(freezing=True):
-            return decode_greedily(step, input_ids, attention_mask, self.generation_config, max_new_tokens)
+        with (
+            torch._inductor.config.patch(freezing=True),
+            torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
+        ):
+            tokens = decode_greedily(step, input_ids, prompt_mask, self.generation_config, max_new_tokens)
+        return tokens[:, padding:]
 
     def static_cache(self, batch: int, length: int) -> StaticCache:
         """The emptied KV cache for `batch` rows of `length` tokens. One per shape, reused: a frozen graph holds its
@@ -124,16 +161,8 @@ class CompiledValign:
         mode: str,
         cache: StaticCache,
     ) -> torch.Tensor:
-        """The prompt's next-token logits from `forward`, its keys and values copied into `cache`."""
-        prompt_cache = DynamicCache(config=self.config.text_config)
-        logits = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            attn_mode=mode,
-            logits_to_keep=1,
-            **{CACHE_NAME: prompt_cache},
-        ).logits
-        for layer, (keys, values, *_) in enumerate(prompt_cache):
+        """The prompt's next-token logits, its keys and values written into `cache`."""
+        logits, keys_and_values = self.prompt_step(input_ids, attention_mask, pixel_values, mode)
+        for layer, (keys, values) in enumerate(keys_and_values):
             cache.update(keys, values, layer)
-        return logits[:, -1]
+        return logits

@@ -4,7 +4,7 @@ in one place for the `valign` command, the app and Python users (`load_for_gener
 `auto` (the default) takes, in order:
 
 - an ONNX export folder given as the model: onnxruntime;
-- `precision="int8"`: the compiled runtime (eager PyTorch has no fast int8 kernels);
+- `precision="int8"` or `"w8a8"`: the compiled runtime (eager PyTorch has no fast int8 kernels);
 - a GPU: PyTorch eager;
 - a CPU that computes bf16 natively (AMX / AVX512-BF16): PyTorch in bf16, compiled (`export/compiled_runtime.py`)
   when the load serves many generations (a server, or `generations` of at least `COMPILE_PAYS_AFTER`), since
@@ -13,12 +13,13 @@ in one place for the `valign` command, the app and Python users (`load_for_gener
   runs at the weight-streaming floor there while eager PyTorch decodes 1.8x slower (BENCHMARKS.md);
 - else PyTorch, as saved.
 
-`precision` (`auto`, `fp32`, `bf16`, `int8`) says what the model computes in: `auto` is bf16 on a GPU or a CPU with
-native bf16 and the checkpoint's saved dtype elsewhere; `int8` stores the language model's linear weights as int8
-(compiled runtime; with `--runtime onnx`, the checkpoint's cached int8 export) and computes as `auto`. bf16 may decode
-other tokens than fp32 (its rounding can tip a near tie between two tokens), so `fp32` is there for output that must
-match the ONNX export or another machine; with `fp32`, `auto` picks the runtime as on a CPU without native bf16.
-The ONNX export computes in fp32 only.
+`precision` (`auto`, `fp32`, `bf16`, `int8`, `w8a8`) says what the model computes in: `auto` is bf16 on a GPU or a
+CPU with native bf16 and the checkpoint's saved dtype elsewhere; `int8` stores the language model's linear weights as
+int8 for decoding (compiled runtime; with `--runtime onnx`, the checkpoint's cached int8 export) and computes the rest
+as `auto`; `w8a8` (compiled runtime only) also quantizes the decode steps' activations to int8, the fastest decode.
+bf16 may decode other tokens than fp32 (its rounding can tip a near tie between two tokens), so `fp32` is there for
+output that must match the ONNX export or another machine; with `fp32`, `auto` picks the runtime as on a CPU without
+native bf16. The ONNX export computes in fp32 only.
 
 Exporting takes minutes at the paper's shape, more than one caption saves, so `auto` never exports by itself:
 `valign export CHECKPOINT` (no folder) writes the export into the cache once, and `--runtime onnx` given a checkpoint
@@ -39,14 +40,14 @@ from typing import Any
 import torch
 
 from ..checkpoint import checkpoint_location, is_local, load_checkpoint, native_bf16, valign_cache
-from .compiled_runtime import CompiledValign
+from .compiled_runtime import QUANTIZED, CompiledValign
 from .onnx_runtime import EXPORT_FORMAT, MANIFEST_FILE, OnnxValign, export_onnx
 
 RUNTIMES = ("auto", "torch", "compiled", "onnx")
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
+PRECISIONS = ("auto", "fp32", "bf16", *QUANTIZED)
 # Captions after which compiling has paid for itself, at the paper's shape on 2 AMX cores (BENCHMARKS.md, batch 1):
-# compiling took 43-50 s and then saved 0.7 s a caption against eager bf16.
-COMPILE_PAYS_AFTER = 70
+# compiling the prompt and decode graphs took 72 s and then saved 0.7 s a caption against eager bf16.
+COMPILE_PAYS_AFTER = 100
 
 
 def is_export(folder: str | Path) -> bool:
@@ -97,7 +98,7 @@ def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto", ge
         return requested
     if is_export(checkpoint):
         return "onnx"
-    if precision == "int8":
+    if precision in QUANTIZED:
         return "compiled"
     if torch.cuda.is_available():
         return "torch"
@@ -108,7 +109,7 @@ def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto", ge
 
 def torch_dtype(precision: str, device: str) -> torch.dtype | None:
     """The dtype PyTorch loads the weights in; None keeps the saved one (fp32 for valign's own checkpoints)."""
-    if precision in ("auto", "int8"):  # emulated bf16 (a CPU without AVX512-BF16 or AMX) is slower than fp32
+    if precision in ("auto", *QUANTIZED):  # emulated bf16 (a CPU without AVX512-BF16 or AMX) is slower than fp32
         return torch.bfloat16 if native_bf16(device) else None
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
@@ -130,18 +131,21 @@ def load_for_generation(
     folder = checkpoint_folder(name, revision)
     used = choose_runtime(runtime, folder, precision, generations)
     if used == "onnx":
-        if precision == "bf16":
-            raise ValueError("the ONNX runtime computes in fp32: use precision fp32 or auto, or the torch runtime")
+        if precision in ("bf16", "w8a8"):
+            raise ValueError(
+                f"the ONNX runtime computes in fp32 or with int8 weights, not {precision}: use precision fp32, auto or "
+                "int8, or another runtime"
+            )
         weights = "int8" if precision == "int8" else "fp32"
         model = OnnxValign(folder if is_export(folder) else ensure_export(folder, weights))
         return model, model.processor(), used
     if is_export(folder):
         raise ValueError(f"{name} is an ONNX export: run it with the onnx runtime, or give its checkpoint")
-    if precision == "int8" and used == "torch":
-        raise ValueError("int8 weights run on the compiled or onnx runtime")
+    if precision in QUANTIZED and used == "torch":
+        raise ValueError(f"{precision} weights run on the compiled runtime")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch_dtype(precision, device)
     model, processor = load_checkpoint(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if used == "compiled":
-        model = CompiledValign(model, weights="int8" if precision == "int8" else "native")
+        model = CompiledValign(model, weights=precision if precision in QUANTIZED else "native")
     return model, processor, used

@@ -4,12 +4,15 @@ settings get clear errors; the runtime choice takes it where it pays."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import prompts, shape_image
+from torch._dynamo.utils import counters
 
 from valign.checkpoint import load_checkpoint
-from valign.export.compiled_runtime import CompiledValign
+from valign.export.compiled_runtime import PROMPT_BUCKET, CompiledValign
 from valign.export.runtime import choose_runtime, load_for_generation
 
 QUESTIONS = ["What colour is the shape?", "Describe the image in detail, with many words, please."]
@@ -48,6 +51,24 @@ def test_compiled_runtime_decodes_the_tokens_eager_generate_decodes(eager_and_co
     assert torch.equal(compiled.generate(**one, attn_mode=mode, max_new_tokens=12), expected[1:])
 
 
+def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint, eager_and_compiled):
+    processor = eager_and_compiled[2]
+    runtime = CompiledValign(load_checkpoint(checkpoint)[0])
+    short, longer = (
+        processor(images=[shape_image("green")], text=prompts(processor, [q])) for q in ("Green?", "Is it green?")
+    )
+    lengths = short["input_ids"].shape[1], longer["input_ids"].shape[1]
+    assert lengths[0] < lengths[1] and math.ceil(lengths[0] / PROMPT_BUCKET) == math.ceil(lengths[1] / PROMPT_BUCKET)
+
+    def graphs_compiled(inputs: dict, new_tokens: int) -> int:
+        before = counters["stats"]["unique_graphs"]
+        runtime.generate(**inputs, max_new_tokens=new_tokens)
+        return counters["stats"]["unique_graphs"] - before
+
+    assert graphs_compiled(short, 2) > 0  # the prompt's graphs and one decode step's
+    assert graphs_compiled(longer, 12) == 0  # another prompt length in the bucket, more steps: nothing new
+
+
 def test_compiled_runtime_refuses_what_it_cannot_decode(eager_and_compiled, batch):
     _, compiled, _ = eager_and_compiled
     with pytest.raises(ValueError, match="greedily only"):
@@ -58,13 +79,16 @@ def test_compiled_runtime_refuses_what_it_cannot_decode(eager_and_compiled, batc
         CompiledValign(compiled.model, weights="int3")
 
 
-def test_int8_weights_are_int8_and_decode_mostly_the_same_tokens(checkpoint, eager_and_compiled, batch):
+@pytest.mark.parametrize("weights", ["int8", "w8a8"])
+def test_quantized_decoding_has_int8_weights_and_mostly_the_same_tokens(checkpoint, eager_and_compiled, batch, weights):
     eager, _, _ = eager_and_compiled
-    quantized = CompiledValign(load_checkpoint(checkpoint)[0], weights="int8")
-    projections = quantized.model.model.language_model.layers[0].mlp.gate_proj.weight
+    quantized = CompiledValign(load_checkpoint(checkpoint)[0], weights=weights)
+    projections = quantized.decoder.layers[0].mlp.gate_proj.weight
     assert projections.qdata.dtype == torch.int8
-    head = quantized.model.lm_head.weight
-    assert head.qdata.dtype == torch.int8
+    assert quantized.decoder_head.weight.qdata.dtype == torch.int8
+    # The prompt keeps the float weights; the embedding table is shared, not copied.
+    assert quantized.model.model.language_model.layers[0].mlp.gate_proj.weight.dtype == torch.float32
+    assert quantized.decoder.get_input_embeddings() is quantized.model.get_input_embeddings()
     expected = eager.generate(**batch, max_new_tokens=12, do_sample=False)
     tokens = quantized.generate(**batch, max_new_tokens=12)
     prompt = batch["input_ids"].shape[1]
@@ -77,6 +101,11 @@ def test_auto_takes_the_compiled_runtime_where_it_pays(checkpoint, monkeypatch):
     assert choose_runtime("auto", checkpoint, generations=1) == "torch"  # compiling costs more than one caption
     assert choose_runtime("auto", checkpoint) == "compiled"  # unknown count: a server, many generations
     assert choose_runtime("auto", checkpoint, precision="int8", generations=1) == "compiled"
+    assert choose_runtime("auto", checkpoint, precision="w8a8", generations=1) == "compiled"
+    with pytest.raises(ValueError, match="w8a8 weights run on the compiled runtime"):
+        load_for_generation(checkpoint, runtime="torch", precision="w8a8")
+    with pytest.raises(ValueError, match="not w8a8"):
+        load_for_generation(checkpoint, runtime="onnx", precision="w8a8")
     monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": False)
     assert choose_runtime("auto", checkpoint) == "torch"  # fp32 compiled decodes no faster than the fp32 export
     model, _, used = load_for_generation(checkpoint, runtime="compiled", precision="fp32")
