@@ -14,14 +14,14 @@ kernel per operation): at the paper's shape on 2 cores it decoded at 98 ms a tok
 scale per output channel (torchao's `Int8WeightOnlyConfig`), so a step, which is bound by reading weights, reads half
 the bytes of bf16; `weights="w8a8"` also quantizes each step's activations to int8 per token
 (`Int8DynamicActivationInt8WeightConfig`), so inductor runs the products as int8 x int8 kernels: at the paper's
-shape on 2 AMX cores a decode step took 18 ms against 42 ms weight-only and 57-63 ms in bf16 (BENCHMARKS.md).
+shape on 2 AMX cores a decode step took 17-18 ms against 41-46 ms weight-only and 57-63 ms in bf16 (BENCHMARKS.md).
 The prompt keeps the float weights: it is bound by computing, and inductor's int8 weight-only kernels for many rows
 ran the paper's 271-token prompt through the language model in 1.37 s against 0.16 s in bf16. Quantized tokens may
 differ from bf16's; `bench/export_agreement.py` measures by how much.
 
-Compiling costs tens of seconds for each new shape (batch size, cache-length bucket), once per process (inductor
-caches its work on disk, so later processes compile faster): it pays over many generations, such as the app's or a
-folder of images (see `export/runtime.py` for when `auto` takes it).
+Compiling costs tens of seconds for each new shape (batch size, prompt and cache-length buckets), once per process
+(inductor caches its work on disk, so later processes compile faster): it pays over many generations, such as the
+app's or a folder of images (see `export/runtime.py` for when `auto` takes it).
 """
 
 from __future__ import annotations
