@@ -10,7 +10,7 @@ import re
 import statistics
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import StoppingCriteria
+from transformers import StoppingCriteria, Trainer, TrainingArguments
 
 
 def device() -> torch.device:
@@ -108,6 +108,13 @@ def peak_memory() -> Iterator[Peak]:
         done.set()
         sampler.join()
         peak.bytes = max(highest[0], resident_bytes()) - start
+
+
+def trainer_optimizer(parameters: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW as `ValignTrainer` builds it, from transformers' default `optim`: fused on torch >= 2.8, on CPUs too. A
+    bare `torch.optim.AdamW` runs its per-tensor loop on a CPU (its fused and foreach paths default to GPUs only)."""
+    optimizer_class, kwargs = Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(report_to="none"))
+    return optimizer_class(parameters, **{**kwargs, "lr": 1e-6})
 
 
 def count_flops(fn: Callable[[], object]) -> int:

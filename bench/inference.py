@@ -20,13 +20,14 @@ prints.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
+import multiprocessing
 import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import onnxruntime
@@ -41,7 +42,6 @@ from harness import (
     dtype_name,
     machine_description,
     matmul_flops_per_second,
-    release_memory,
     replace_section,
     synchronize,
     weight_stream_rate,
@@ -170,12 +170,33 @@ def row(variant: str, batch: int, result: dict, prefill_floor: float, decode_flo
     }
 
 
-def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
+def build_model(checkpoint: Path | None) -> ValignForConditionalGeneration:
+    """The checkpoint in fp32, or the paper's shape with random weights (the same in every process: seeded)."""
+    if checkpoint:
+        return load_checkpoint(checkpoint, dtype=torch.float32)[0]
     torch.manual_seed(0)
-    if args.checkpoint:
-        model = load_checkpoint(args.checkpoint, dtype=torch.float32)[0]
-    else:
-        model = ValignForConditionalGeneration(ValignConfig(attn_implementation="sdpa")).eval()
+    return ValignForConditionalGeneration(ValignConfig(attn_implementation="sdpa")).eval()
+
+
+def compiled_rows(
+    args: argparse.Namespace, weights: str, dtype: torch.dtype, prefill_floors: dict[int, float], decode_floor: float
+) -> list[dict]:
+    """The compiled runtime with `weights`, timed at each batch size (run in a process of its own)."""
+    hf_logging.set_verbosity_error()
+    model = build_model(args.checkpoint).to(device(), dtype)
+    runtime = CompiledValign(model, weights)
+    rows = []
+    for batch in args.batches:
+        inputs = prompt_inputs(model.config, batch, dtype)
+        calls = [(runtime, "prefill"), (runtime, "decode_step")]
+        result = measure_runtime(runtime, calls, inputs, args.new_tokens, args.repeats)
+        name = compiled_variant(weights, dtype)
+        rows.append(row(name, batch, result, prefill_floors[batch], decode_floor, args.new_tokens))
+    return rows
+
+
+def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
+    model = build_model(args.checkpoint)
     config = model.config
     # bf16 only where the hardware computes it (CUDA, AMX / AVX512-BF16): elsewhere its kernels are emulated.
     dtypes = [torch.float32, *([torch.bfloat16] if torch.cuda.is_available() or cpu_supports_bf16() else [])]
@@ -196,19 +217,15 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
                 rows.append(row(f"PyTorch eager, {dtype_name(dtype)}", batch, result, *floors, args.new_tokens))
         if dtype == torch.float32 and len(dtypes) > 1:
             continue  # compiled: in the fastest float dtype only (compiling each variant takes about a minute)
+        prefill_floors = {batch: flops[batch] / rate for batch in args.batches}
+        spawn = multiprocessing.get_context("spawn")
         for weights in args.compiled:
-            runtime = CompiledValign(copy.deepcopy(typed), weights)
-            name = compiled_variant(weights, dtype)
             bytes_read = decode_weight_bytes(typed, int8_linear=weights != "native")
-            for batch in args.batches:
-                batch_inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs[batch].items()}
-                calls = [(runtime, "prefill"), (runtime, "decode_step")]
-                result = measure_runtime(runtime, calls, batch_inputs, args.new_tokens, args.repeats)
-                floors = flops[batch] / rate, bytes_read / stream
-                rows.append(row(name, batch, result, *floors, args.new_tokens))
-            del runtime
-            torch._dynamo.reset()  # its graphs hold the frozen weights: two variants' copies overflowed 24 GiB
-            release_memory()
+            # A process per variant: inductor's frozen graphs outlive `torch._dynamo.reset()`, and three variants'
+            # weights in one process overflowed 24 GiB once the ONNX export began.
+            with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+                job = pool.submit(compiled_rows, args, weights, dtype, prefill_floors, bytes_read / stream)
+                rows += job.result()
     if args.onnx:
         model = model.to("cpu", torch.float32)
         rate, stream = limits[torch.float32]  # onnxruntime computes in fp32, int weights are unpacked on the fly

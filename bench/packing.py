@@ -45,6 +45,7 @@ from harness import (
     replace_section,
     synchronize,
     top_operators,
+    trainer_optimizer,
 )
 from PIL import Image
 from run import REPO, Shape, build_processor, interleaved, shapes, supervised_tokens, to_device, useful_tokens
@@ -113,7 +114,7 @@ def train(
         kernel_config.text_config._attn_implementation = kernel  # the vision tower keeps sdpa
         torch.manual_seed(0)  # the same weights for every kernel
         models[kernel] = ValignForConditionalGeneration(kernel_config).to(device()).train()
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-6) for k, m in models.items()}
+    optimizers = {k: trainer_optimizer(m.parameters()) for k, m in models.items()}
     autocast = torch.autocast(device().type, dtype=shape.dtype, enabled=shape.dtype != torch.float32)
 
     def forward_backward(variant: Variant, index: int) -> torch.Tensor:

@@ -36,6 +36,7 @@ from harness import (
     replace_section,
     synchronize,
     timed,
+    trainer_optimizer,
 )
 from llava_twin import llava_twin
 from transformers import Dinov2Config, LlamaConfig, StoppingCriteriaList
@@ -225,7 +226,7 @@ def train(models, shape: Shape, workload: Workload, variants: list[Variant], set
         model.train()
     for name, parameter in models[False].named_parameters():
         parameter.requires_grad = setting == "stage-2" or "multi_modal_projector" in name
-    optimizer = torch.optim.AdamW([p for p in models[False].parameters() if p.requires_grad], lr=1e-6)
+    optimizer = trainer_optimizer([p for p in models[False].parameters() if p.requires_grad])
     batches = {packing: [to_device(b) for b in workload.batches[packing]] for packing in (False, True)}
     autocast = torch.autocast(device().type, dtype=shape.dtype, enabled=shape.dtype != torch.float32)
 

@@ -21,7 +21,15 @@ from collections.abc import Callable
 
 import torch
 import transformers
-from harness import count_flops, machine_description, matmul_flops_per_second, replace_section, timed, top_operators
+from harness import (
+    count_flops,
+    machine_description,
+    matmul_flops_per_second,
+    replace_section,
+    timed,
+    top_operators,
+    trainer_optimizer,
+)
 from run import build_models, build_workload, shapes, to_device
 from transformers.utils import logging as hf_logging
 
@@ -39,7 +47,7 @@ def step_functions(
     model, batch: dict, compute_dtype: torch.dtype
 ) -> dict[str, tuple[Callable[[], None], Callable[[], None]]]:
     """label -> (one forward + backward + AdamW step, its forward + backward alone), the loss computed that way."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = trainer_optimizer(model.parameters())
     keep = supervised_positions(batch["labels"])
     device_type = next(model.parameters()).device.type
 

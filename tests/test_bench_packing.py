@@ -9,8 +9,11 @@ from collections import Counter
 import packing
 import torch
 from conftest import shape_image
+from harness import trainer_optimizer
+from transformers import TrainingArguments
 
 from valign.modeling_valign import IGNORE_INDEX
+from valign.train.trainer import ValignTrainer
 
 WORDS = ["red", "circle", "square", "on", "the", "left", "a", "blue", "big", "small"]
 
@@ -64,3 +67,19 @@ def test_the_benchmark_trains_the_same_model_packed_and_padded(model_and_process
     for top in result["profiles"].values():  # each variant's costliest operators, costliest first
         shares = [share for _, share in top]
         assert len(top) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+
+
+def test_the_benchmarks_step_with_the_optimizer_the_trainer_builds(model_and_processor, tmp_path):
+    """A bare `torch.optim.AdamW` on a CPU runs a per-tensor loop, the trainer a fused kernel: the benchmarks would
+    time an optimizer no run uses."""
+    model = copy.deepcopy(model_and_processor[0])
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    rates = {"vision_tower": 1e-5, "multi_modal_projector": 1e-3, "language_model": 1e-4}
+    built_by_trainer = ValignTrainer(model=model, args=args, learning_rates=rates).create_optimizer()
+    built_by_benchmarks = trainer_optimizer(model.parameters())
+    assert type(built_by_benchmarks) is type(built_by_trainer)
+
+    def settings(optimizer) -> dict:
+        return {k: v for k, v in optimizer.defaults.items() if k not in ("lr", "weight_decay")}
+
+    assert settings(built_by_benchmarks) == settings(built_by_trainer) and settings(built_by_trainer)["fused"]
