@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import StoppingCriteria, Trainer, TrainingArguments
 
@@ -127,13 +127,23 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 def top_operators(fn: Callable[[], object], count: int) -> list[tuple[str, float]]:
     """The `count` operators costing most self time in one call under `torch.profiler`, each with its share of the
-    call's total: device (CUDA) time on a GPU, where the host only queues kernels, CPU time otherwise."""
+    call's total: device (CUDA) time on a GPU, where the host only queues kernels, CPU time otherwise. One call
+    runs under the profiler unrecorded first: the profiler's own allocations move the heap, and the first call
+    after them page-faults fresh memory, which showed the copies and fills that touch it as 3-10x their cost."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as profiler:
-        fn()
-        synchronize()
+    recorded = []
+    with profile(
+        activities=activities,
+        schedule=schedule(wait=0, warmup=1, active=1),
+        on_trace_ready=lambda done: recorded.extend(done.key_averages()),
+    ) as profiler:
+        for _ in range(2):
+            fn()
+            synchronize()
+            profiler.step()
     attribute = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    events = sorted(profiler.key_averages(), key=lambda e: getattr(e, attribute), reverse=True)
+    operators = [e for e in recorded if not e.key.startswith("ProfilerStep")]
+    events = sorted(operators, key=lambda e: getattr(e, attribute), reverse=True)
     total = sum(getattr(e, attribute) for e in events)
     return [(e.key, getattr(e, attribute) / total) for e in events[:count]]
 

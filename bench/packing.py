@@ -56,7 +56,7 @@ from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import train_tokenizer
 from valign.train.collator import ConversationCollator
 from valign.train.demo import DemoSizes, demo_corpus
-from valign.train.trainer import supervised_positions
+from valign.train.trainer import freed_memory_kept, supervised_positions
 
 MAX_TEXT_TOKENS = 1500
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), by a word of the device name.
@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     kernels = ["sdpa"] + (["flex_attention"] if device().type == "cuda" else [])
     variants = [Variant(f"{k}, {'packed' if p else 'padded'}", k, p) for k in kernels for p in (False, True)]
     matmul = matmul_flops_per_second(shape.dtype)
-    result = train(config, data, variants, shape, args.profile)
+    with freed_memory_kept(device()):  # as `ValignTrainer.train` runs
+        result = train(config, data, variants, shape, args.profile)
     text = report(shape, data, variants, result, matmul, tokenizer.pad_token_id)
     print("\n" + text)
     replace_section(text, f"packing-{shape.name}", args.output)

@@ -54,6 +54,7 @@ from valign.train.backbones import image_processor_class, train_tokenizer
 from valign.train.collator import ConversationCollator
 from valign.train.demo import PACKAGED_IMAGE_SIZE, PACKAGED_PIXEL_SHUFFLE, DemoSizes, demo_corpus
 from valign.train.packaged import DINOV2_SMALL_CONFIG
+from valign.train.trainer import freed_memory_kept
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -347,7 +348,9 @@ def bench_shape(shape: Shape, tokenizer) -> dict:
     results: dict[str, dict] = {v.label: {} for v in VARIANTS}
     results["valign hybrid, packed"]["loss_gap"] = packing_loss_gap(models[False], workload)
     for setting in ("stage-1", "stage-2"):
-        for label, result in train(models, shape, workload, VARIANTS, setting).items():
+        with freed_memory_kept(device()):  # as `ValignTrainer.train` runs
+            trained = train(models, shape, workload, VARIANTS, setting)
+        for label, result in trained.items():
             results[label][setting] = result
             print(f"{label:24s} {setting}: {result['seconds_per_step']:.3f} s/step", flush=True)
         release_memory()

@@ -23,6 +23,7 @@ import torch
 import transformers
 from harness import (
     count_flops,
+    device,
     machine_description,
     matmul_flops_per_second,
     replace_section,
@@ -38,7 +39,7 @@ from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import train_tokenizer
 from valign.train.demo import DemoSizes, demo_corpus
 from valign.train.run import resolve_precision
-from valign.train.trainer import supervised_positions
+from valign.train.trainer import freed_memory_kept, supervised_positions
 
 TOP_OPERATORS = 8
 
@@ -78,14 +79,16 @@ def measure(args: argparse.Namespace) -> tuple[list[dict], list[tuple[str, float
     compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     rate = matmul_flops_per_second(compute_dtype)
     rows = []
-    for label, (step, forward_backward) in step_functions(model, batch, compute_dtype).items():
-        step()  # warm-up: allocates the optimizer state
-        seconds = statistics.median(timed(step) for _ in range(args.steps))
-        flops = count_flops(forward_backward)
-        model.zero_grad(set_to_none=True)
-        rows.append({"label": label, "seconds": seconds, "flops": flops, "share": flops / seconds / rate})
-        print(f"{label}: {seconds:.2f} s, {flops / 1e12:.2f} TFLOP, {rows[-1]['share']:.0%} of the matmul rate")
-    top = top_operators(step, TOP_OPERATORS)
+    with freed_memory_kept(device()):  # as `ValignTrainer.train` runs
+        for label, (step, forward_backward) in step_functions(model, batch, compute_dtype).items():
+            for _ in range(2):  # warm-up: the optimizer state, then a heap that holds a whole step
+                step()
+            seconds = statistics.median(timed(step) for _ in range(args.steps))
+            flops = count_flops(forward_backward)
+            model.zero_grad(set_to_none=True)
+            rows.append({"label": label, "seconds": seconds, "flops": flops, "share": flops / seconds / rate})
+            print(f"{label}: {seconds:.2f} s, {flops / 1e12:.2f} TFLOP, {rows[-1]['share']:.0%} of the matmul rate")
+        top = top_operators(step, TOP_OPERATORS)
     context = {"tokens": int(batch["attention_mask"].sum()), "samples": batch["input_ids"].shape[0]}
     context["supervised"] = int((batch["labels"] != IGNORE_INDEX).sum())
     context["positions"] = int(supervised_positions(batch["labels"]).numel())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from conftest import REPO, Kill, killed_run, shape_image
 from hub_server import loopback_hub
 from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from valign.data.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
 from valign.modeling_valign import IGNORE_INDEX
@@ -208,6 +210,30 @@ def test_per_module_learning_rates_and_frozen_modules(checkpoint, data_root, tmp
     assert first["multi_modal_projector"] / first["language_model"] == pytest.approx(5.0)
     assert 0 < first["multi_modal_projector"] <= 1e-3
     assert result.first_loss is not None and (tmp_path / "out" / "training_log.png").stat().st_size > 0
+
+
+def faults_reallocating(megabytes: int = 256) -> int:
+    """Minor page faults of filling a block of `megabytes` just after one of the same size was freed."""
+    numel = megabytes * 2**20 // 4
+    torch.ones(numel)  # allocated, touched and freed
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(numel)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+def test_a_cpu_stage_keeps_freed_memory_for_its_next_step_and_hands_it_back_after(checkpoint, data_root, tmp_path):
+    """glibc unmaps a freed block of this size, so filling the next one faults every page in again; a training step
+    frees and refills gigabytes like this, so while a stage trains the heap keeps what it frees."""
+    during = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, *args, **kwargs) -> None:
+            during.append(faults_reallocating())
+
+    before = faults_reallocating()
+    run_stage(stage("s", max_steps=2), checkpoint, tmp_path / "out", data_root, callbacks=(Probe(),))
+    after = faults_reallocating()
+    assert len(during) == 2 and max(during) * 20 < min(before, after)
 
 
 def test_killed_and_resumed_stage_ends_like_an_uninterrupted_one(checkpoint, data_root, tmp_path, monkeypatch):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +46,33 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
 
 
+@contextmanager
+def freed_memory_kept(device: torch.device):
+    """While training on a CPU, keep glibc's malloc from handing freed memory back to the kernel; hand it back after.
+
+    A training step frees and reallocates the same gigabytes every step. By default glibc serves each block over
+    32 MB with a fresh `mmap` and unmaps it when freed, and trims the heap's free top, so every step page-faults the
+    kernel into zeroing those pages again (measured in docs/DESIGN.md, "Training on a CPU"). jemalloc or tcmalloc
+    (`LD_PRELOAD`) avoid it too; this needs no install. Elsewhere than glibc it does nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" else None
+    except OSError:
+        libc = None
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield
+        return
+    mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+    mallopt(m_mmap_max, 0)  # every block from the heap, which keeps what is freed ...
+    mallopt(m_trim_threshold, -1)  # ... at any size: glibc reads the int as a size_t, so -1 is SIZE_MAX
+    try:
+        yield
+    finally:
+        mallopt(m_mmap_max, 65536)  # glibc's defaults (DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
+        mallopt(m_trim_threshold, 128 * 1024)
+        malloc_trim(0)
+
+
 class ValignTrainer(Trainer):
     """A Trainer whose optimizer has one learning rate per module (vision tower, projector, language model), and
     whose loss computes logits only where a token is supervised: the 49k–152k-wide vocabulary head over every
@@ -66,6 +95,10 @@ class ValignTrainer(Trainer):
             if state.mixed_precision != "no":
                 state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
             self.is_fsdp_enabled = True
+
+    def train(self, *args, **kwargs):
+        with freed_memory_kept(self.args.device):
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if "labels" in inputs and "logits_to_keep" not in inputs:
