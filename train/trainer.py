@@ -68,7 +68,9 @@ def freed_memory_kept(device: torch.device):
     try:
         yield
     finally:
-        mallopt(m_mmap_max, 65536)  # glibc's defaults (DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD)
+        # glibc's default values (DEFAULT_MMAP_MAX, DEFAULT_TRIM_THRESHOLD); its mmap threshold stays where it had
+        # grown, as any mallopt of the trim threshold ends glibc's adjusting of it
+        mallopt(m_mmap_max, 65536)
         mallopt(m_trim_threshold, 128 * 1024)
         malloc_trim(0)
 
