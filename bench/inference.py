@@ -185,12 +185,12 @@ def compiled_rows(
     hf_logging.set_verbosity_error()
     model = build_model(args.checkpoint).to(device(), dtype)
     runtime = CompiledValign(model, weights)
+    calls = [(runtime, "prefill"), (runtime, "decode_step")]
+    name = compiled_variant(weights, dtype)
     rows = []
     for batch in args.batches:
         inputs = prompt_inputs(model.config, batch, dtype)
-        calls = [(runtime, "prefill"), (runtime, "decode_step")]
         result = measure_runtime(runtime, calls, inputs, args.new_tokens, args.repeats)
-        name = compiled_variant(weights, dtype)
         rows.append(row(name, batch, result, prefill_floors[batch], decode_floor, args.new_tokens))
     return rows
 
