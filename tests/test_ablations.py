@@ -92,23 +92,25 @@ def test_a_finished_run_is_kept_and_any_other_run_is_trained(tmp_path, monkeypat
 
 
 def test_a_run_trained_in_another_precision_is_not_kept(tmp_path, monkeypatch):
-    """The demo recipe's `precision: auto` is bf16 on a CPU with native bf16 and fp32 elsewhere: a run finished on
-    one is trained again on the other; the tiny recipe's explicit fp32 is the same run on both."""
+    """`precision: auto` is bf16 on a CPU with native bf16 and fp32 elsewhere: a run finished on one is trained again
+    on the other; the demo recipe's own fp32 is the same run on both."""
     trained = []
 
     def fake_run_demo(output, sizes, resume, overrides, skip):
-        trained.append(sizes.backbones)
+        trained.append(output.name)
         result = DemoResult([], {"scores": {"CIDEr": 0.3}}, {"model": {"accuracy": 0.6}}, sizes)
         output.mkdir(parents=True, exist_ok=True)
         (output / "results.json").write_text(json.dumps(vars(result) | {"sizes": vars(sizes)}))
         return result
 
+    stages = [StageConfig.from_yaml(path).name for path in recipe_stages("demo")]
+    arms = {"pinned": ARMS["paper"], "auto": Arm("auto", overrides={s: {"precision": "auto"} for s in stages})}
     monkeypatch.setattr(ablations, "run_demo", fake_run_demo)
     for native in (False, True):
         monkeypatch.setattr("valign.train.run.native_bf16", lambda device="cpu", native=native: native)
-        for backbones in ("packaged", "tiny"):
-            ablations.run_arm(tmp_path / backbones, ARMS["paper"], 0, backbones)
-    assert trained == ["packaged", "tiny", "packaged"]
+        for name, arm in arms.items():
+            ablations.run_arm(tmp_path / name, arm, 0, "packaged")
+    assert trained == ["pinned", "auto", "auto"]
 
 
 def test_the_seed_alone_decides_the_starting_projector(tmp_path, monkeypatch):
