@@ -200,7 +200,9 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
     config = model.config
     # bf16 only where the hardware computes it (CUDA, AMX / AVX512-BF16): elsewhere its kernels are emulated.
     dtypes = [torch.float32, *([torch.bfloat16] if torch.cuda.is_available() or cpu_supports_bf16() else [])]
-    limits = {dtype: (matmul_flops_per_second(dtype), weight_stream_rate(dtype)) for dtype in dtypes}
+    # Streaming is measured over as many bytes of distinct weights as the model's decode step reads in that dtype.
+    step_bytes = {dtype: decode_weight_bytes(model) // model.dtype.itemsize * dtype.itemsize for dtype in dtypes}
+    limits = {dtype: (matmul_flops_per_second(dtype), weight_stream_rate(dtype, step_bytes[dtype])) for dtype in dtypes}
     inputs = {batch: prompt_inputs(config, batch, torch.float32) for batch in args.batches}
     with torch.no_grad():
         # Generation needs the logits of the prompt's last position only (both runtimes compute no others).

@@ -26,11 +26,14 @@ app's or a folder of images (see `export/runtime.py` for when `auto` takes it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, StaticCache
 
 from ..configuration_valign import CACHE_NAME
@@ -57,6 +60,24 @@ def quantized_copy(module: nn.Module, weights: str, share: nn.Module | None = No
     return module
 
 
+@contextlib.contextmanager
+def decode_graph_settings(device: torch.device, weights: str, batch: int) -> Iterator[None]:
+    """How a one-row decode step with float weights compiles on a CPU (read when its graph compiles): its products by
+    inductor's C++ GEMM template, chosen by autotuning, rather than oneDNN's prepacked kernels, and attention as plain
+    products and a softmax that inductor fuses, rather than the flash kernel. At the paper's shape on 2 AMX cores
+    (bf16) a step took 50-52 ms against 65-71 ms, its products streaming 22-25 GB/s; compiling takes about 40 s more.
+    Where it stays with oneDNN: 8 rows (82 against 77 ms a step), the prompt (oneDNN 2.2x faster on its 256-row
+    products) and int8 weights (torchao's kernels; the template found no choice for w8a8's at the paper's shape)."""
+    if device.type != "cpu" or weights != "native" or batch != 1:
+        yield
+        return
+    with (
+        torch._inductor.config.patch(max_autotune=True, max_autotune_gemm_backends="CPP"),
+        sdpa_kernel(SDPBackend.MATH),
+    ):
+        yield
+
+
 class CompiledValign:
     """A valign model whose `generate` decodes greedily, as `model.generate` does, through compiled graphs; it stands
     in for the model in `eval.generate.generate_answers` (the `valign` command and the app)."""
@@ -66,7 +87,7 @@ class CompiledValign:
             raise RuntimeError("the compiled runtime needs transformers 5.24 or newer; use the torch runtime")
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-        self.model = model.eval()
+        self.model, self.weights = model.eval(), weights
         self.config, self.generation_config, self.device = model.config, model.generation_config, model.device
         check_generation_config(self.generation_config, "the checkpoint", "compiled")
         self.decoder, self.decoder_head = model.model.language_model, model.lm_head
@@ -132,7 +153,8 @@ class CompiledValign:
             # A column sliced off the growing mask has a new stride every step, and a graph is compiled per stride.
             positions = positions_from_padding(attention_mask, batch, 1, past, self.device)
             positions = positions.clone(memory_format=torch.contiguous_format)
-            return self.decode_step(chunk, positions, step_mask, cache)
+            with decode_graph_settings(self.device, self.weights, batch):
+                return self.decode_step(chunk, positions, step_mask, cache)
 
         # Freezing makes the weights constants of the graphs, which inductor lays out for its kernels: decode steps
         # 1.35x faster at the paper's shape (BENCHMARKS.md). It is read when a graph compiles, i.e. within the calls

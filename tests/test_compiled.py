@@ -60,13 +60,22 @@ def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint
     lengths = short["input_ids"].shape[1], longer["input_ids"].shape[1]
     assert lengths[0] < lengths[1] and math.ceil(lengths[0] / PROMPT_BUCKET) == math.ceil(lengths[1] / PROMPT_BUCKET)
 
-    def graphs_compiled(inputs: dict, new_tokens: int) -> int:
-        before = counters["stats"]["unique_graphs"]
-        runtime.generate(**inputs, max_new_tokens=new_tokens)
-        return counters["stats"]["unique_graphs"] - before
+    def graphs_compiled(inputs: dict, new_tokens: int) -> tuple[int, int]:
+        """Graphs compiled by one generation, and the C++ GEMM template kernels among their code."""
+        graphs, templates = counters["stats"]["unique_graphs"], counters["inductor"]["cpp_templated_kernel_counter"]
+        with torch._inductor.config.patch(fx_graph_cache=False):  # generate the code, not a cached graph's
+            runtime.generate(**inputs, max_new_tokens=new_tokens)
+        return (
+            counters["stats"]["unique_graphs"] - graphs,
+            counters["inductor"]["cpp_templated_kernel_counter"] - templates,
+        )
 
-    assert graphs_compiled(short, 2) > 0  # the prompt's graphs and one decode step's
-    assert graphs_compiled(longer, 12) == 0  # another prompt length in the bucket, more steps: nothing new
+    graphs, templates = graphs_compiled(short, 2)
+    assert graphs > 0 and templates > 0  # the prompt's graphs and one decode step's, its products by the template
+    assert graphs_compiled(longer, 12) == (0, 0)  # another prompt length in the bucket, more steps: nothing new
+    two_rows = processor(images=[shape_image("green")] * 2, text=prompts(processor, ["Green?"] * 2))
+    graphs, templates = graphs_compiled(two_rows, 2)
+    assert graphs > 0 and templates == 0  # several rows decode through oneDNN
 
 
 def test_compiled_runtime_refuses_what_it_cannot_decode(eager_and_compiled, batch):
