@@ -1,9 +1,11 @@
 """Caption generation at the paper's shape against the floor the machine allows, both measured in the same run.
 
 The floor: a warm dense matmul's rate (best of several) bounds the prefill (vision tower, projector and prompt; its
-FLOPs counted by `torch.utils.flop_counter`), and a warm matrix–vector product's weight streaming rate bounds each
+FLOPs counted by `torch.utils.flop_counter`), and warm matrix–vector products' weight streaming rate bounds each
 decode step, which must read the language model's weights once (its decoder layers and head; the embedding lookup
-reads one row per token). Every figure is reported beside its floor and as time / floor (1.0× = at the limit).
+reads one row per token): the products cycle through as many bytes of distinct weights as a step reads, since one
+matrix read again and again stays partly in the last-level cache. Every figure is reported beside its floor and as
+time / floor (1.0× = at the limit).
 
 The model is valign's default shape (SigLIP so400m-patch14-224 + Qwen2.5-0.5B) with random weights, prompted with
 256 image tokens + 15 text tokens and made to generate exactly `--new-tokens` tokens greedily: PyTorch eager (fp32,
@@ -280,7 +282,8 @@ def report(rows: list[dict], limits: dict, new_tokens: int, subject: str) -> str
         "Prefill floor: the model's FLOPs for the prompt (`torch.utils.flop_counter`; logits of the last position "
         "only, as generation computes them) at the dense matmul rate of the weights' compute dtype (fp32 for every "
         "onnxruntime variant). Decode floor: the bytes of weights one step reads (the language model and head; for "
-        "an export, its decoder's stored weights less the embedding table) at the streaming rate.",
+        "an export, its decoder's stored weights less the embedding table) at the streaming rate over as many bytes "
+        "of distinct weights.",
     ]
     return "\n".join(lines)
 

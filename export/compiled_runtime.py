@@ -1,7 +1,7 @@
 """valign in PyTorch with a static KV cache and compiled graphs: the fast CPU path (`--runtime compiled`).
 
 Eager `generate` spends most of a decode step around the matrix products on a CPU (Python, a growing cache, one
-kernel per operation): at the paper's shape on 2 cores it decoded at 98 ms a token in bf16 against a 24 ms floor
+kernel per operation): at the paper's shape on 2 AMX cores it decoded at 100 ms a token in bf16 against a 36 ms floor
 (BENCHMARKS.md). Here
 
 - the prompt, images included, runs through `forward` (one definition of the attention policy) compiled by inductor
@@ -14,7 +14,7 @@ kernel per operation): at the paper's shape on 2 cores it decoded at 98 ms a tok
 scale per output channel (torchao's `Int8WeightOnlyConfig`), so a step, which is bound by reading weights, reads half
 the bytes of bf16; `weights="w8a8"` also quantizes each step's activations to int8 per token
 (`Int8DynamicActivationInt8WeightConfig`), so inductor runs the products as int8 x int8 kernels: at the paper's
-shape on 2 AMX cores a decode step took 17-18 ms against 41-46 ms weight-only and 57-63 ms in bf16 (BENCHMARKS.md).
+shape on 2 AMX cores a decode step took 17-19 ms against 41-48 ms weight-only and 50-52 ms in bf16 (BENCHMARKS.md).
 The prompt keeps the float weights: it is bound by computing, and inductor's int8 weight-only kernels for many rows
 ran the paper's 271-token prompt through the language model in 1.37 s against 0.16 s in bf16. Quantized tokens may
 differ from bf16's; `bench/export_agreement.py` measures by how much.

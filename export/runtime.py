@@ -46,7 +46,7 @@ from .onnx_runtime import EXPORT_FORMAT, MANIFEST_FILE, OnnxValign, export_onnx
 RUNTIMES = ("auto", "torch", "compiled", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", *QUANTIZED)
 # Captions after which compiling has paid for itself, at the paper's shape on 2 AMX cores (BENCHMARKS.md, batch 1):
-# compiling the prompt and decode graphs took 72 s and then saved 0.7 s a caption against eager bf16.
+# compiling the prompt and decode graphs took 74-114 s and then saved 1.1 s a caption against eager bf16.
 COMPILE_PAYS_AFTER = 100
 
 
