@@ -7,6 +7,7 @@ import statistics
 from collections import Counter
 
 import packing
+import pytest
 import torch
 from conftest import shape_image
 from harness import trainer_optimizer
@@ -51,16 +52,18 @@ def test_packed_steps_train_the_same_supervised_tokens_in_fewer_slots(model_and_
         assert packed["input_ids"].numel() < padded["input_ids"].numel()
 
 
-def test_the_benchmark_trains_the_same_model_packed_and_padded(model_and_processor):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_benchmark_trains_the_same_model_packed_and_padded(model_and_processor, checkpointing):
     """Its training loop on the tiny model (the CPU run that keeps the GPU benchmark from rotting): before any step,
     the packed and padded first batches give the same loss and gradients (from logits at the supervised positions,
-    as the trainer computes it), every step is timed and each variant's step is profiled."""
+    as the trainer computes it), with and without activation checkpointing; every step is timed and each variant's
+    step is profiled."""
     model, processor = model_and_processor
     samples = packing.conversations(6, WORDS, shape_image("red"))
     data = packing.batches(processor, samples, 2, processor.image_seq_length + 4 * packing.MAX_TEXT_TOKENS)
     variants = [packing.Variant(f"sdpa, {k}", "sdpa", p) for k, p in (("padded", False), ("packed", True))]
     shape = packing.Shape("tiny", "the tests' model", None, 2, 0, 2, 0, torch.float32, 1)
-    result = packing.train(copy.deepcopy(model.config), data, variants, shape, profile=3)
+    result = packing.train(copy.deepcopy(model.config), data, variants, shape, profile=3, checkpointing=checkpointing)
     assert result["agreement"]["loss"] < 1e-5 and result["agreement"]["gradient"] < 1e-4
     assert all(len(result["seconds"][v.label]) == 2 for v in variants) and min(result["flops"]) > 0
     assert result["profiles"].keys() == {v.label for v in variants}
