@@ -89,6 +89,13 @@ class ValignConfig(PretrainedConfig):
             Attention policy applied inside `forward`: `"hybrid"` (image tokens of one image attend to each other
             both ways, the rest is causal), `"bidirectional"` (every token sees every token; alignment stage only)
             or `"causal"` (a plain language model).
+        loss_chunk_size (`int`, *optional*):
+            In training (`model.train()`, gradients on, `labels` given), compute the loss over the supervised tokens
+            only, this many at a time, each chunk's logits recomputed in the backward pass instead of kept; the
+            output's `logits` are then `None`. Qwen2.5's 151,936-wide head makes fp32 logits the largest activation
+            of a step (1.7 GB for 3,000 tokens, plus as much again for their gradient); chunks of 1,024 hold 0.6 GB.
+            The paper does not say; `None` (the default) computes every kept position's logits at once, as
+            transformers' language models do.
     """
 
     model_type = "valign"
@@ -106,10 +113,12 @@ class ValignConfig(PretrainedConfig):
         attn_mode: str = "hybrid",
         image_size: int | None = None,
         pixel_shuffle_factor: int = 1,
+        loss_chunk_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r}")
+        check_loss_chunk_size(loss_chunk_size)
         self.vision_config = _as_config(vision_config, DEFAULT_VISION_CONFIG)
         self.text_config = _as_config(text_config, DEFAULT_TEXT_CONFIG)
         self.projector_hidden_size = projector_hidden_size or self.text_config.hidden_size
@@ -120,6 +129,7 @@ class ValignConfig(PretrainedConfig):
         self.attn_mode = attn_mode
         self.image_size = image_size or getattr(self.vision_config, "image_size", None)
         self.pixel_shuffle_factor = pixel_shuffle_factor
+        self.loss_chunk_size = loss_chunk_size
         _ = self.image_seq_length  # refuses, at once, a factor that does not divide the patch grid
         # The outer model owns lm_head, so it must know whether the language model ties it to its embeddings.
         kwargs["tie_word_embeddings"] = getattr(self.text_config, "tie_word_embeddings", False)
@@ -225,6 +235,12 @@ def checkpointing_arguments(use_reentrant: bool = False) -> dict:
     if name not in TrainingArguments.__dataclass_fields__:
         name = "gradient_checkpointing"
     return {name: True, f"{name}_kwargs": {"use_reentrant": use_reentrant}}
+
+
+def check_loss_chunk_size(size: Any) -> None:
+    """Refuse a `loss_chunk_size` that is neither None nor a positive int (a YAML string, 0, a float)."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"loss_chunk_size must be a positive int or None, got {size!r}")
 
 
 def enable_checkpointing(model: Any, use_reentrant: bool = False) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -161,6 +162,31 @@ def packed_document_ids(
     if not (position_ids[..., 1:] == 0).any():
         return None
     return document_ids_of(position_ids)
+
+
+def chunked_head_loss(
+    head: nn.Module,
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> torch.Tensor:
+    """The loss `ForCausalLMLoss` computes from `head(hidden)`, over supervised tokens only and `chunk_size` at a
+    time: each chunk's logits are recomputed in the backward pass (activation checkpointing), so the vocabulary-wide
+    fp32 logits of the whole batch never exist at once (`ValignConfig.loss_chunk_size`)."""
+    supervised = targets != IGNORE_INDEX
+    hidden, targets = hidden[supervised], targets[supervised]
+
+    def chunk_loss(chunk: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(head(chunk).float(), chunk_targets, reduction="sum")
+
+    chunks = zip(hidden.split(chunk_size), targets.split(chunk_size), strict=True)
+    total = sum(checkpoint(chunk_loss, chunk, chunk_targets, use_reentrant=False) for chunk, chunk_targets in chunks)
+    if num_items_in_batch is None:  # the mean over this batch's supervised tokens
+        return total / len(targets)
+    if torch.is_tensor(num_items_in_batch):  # a Trainer's count over the accumulated batches
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
 
 
 def check_pixel_values(pixel_values: torch.Tensor, config: ValignConfig) -> None:
@@ -525,11 +551,9 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
             attn_mode=attn_mode,
             **kwargs,
         )
-        hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, keep, :])
-
-        loss = None
+        hidden = outputs.last_hidden_state[:, keep, :]
+        targets = None
         if labels is not None:
             if may_be_packed(position_ids, attention_mask):
                 # Packed rows: a sample's first token is no target for the previous sample's last token.
@@ -539,13 +563,21 @@ class ValignForConditionalGeneration(ValignPreTrainedModel, GenerationMixin):
             targets = nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[:, keep]
             if not (targets != IGNORE_INDEX).any():
                 raise ValueError("labels hold no supervised token (all -100 after the shift): nothing to learn from")
-            loss = self.loss_function(
-                logits,
-                None,
-                self.config.text_config.vocab_size,
-                num_items_in_batch=num_items_in_batch,
-                shift_labels=targets.contiguous(),
-            )
+
+        chunk_size = self.config.loss_chunk_size
+        if targets is not None and chunk_size and self.training and torch.is_grad_enabled():
+            logits, loss = None, chunked_head_loss(self.lm_head, hidden, targets, chunk_size, num_items_in_batch)
+        else:
+            logits = self.lm_head(hidden)
+            loss = None
+            if targets is not None:
+                loss = self.loss_function(
+                    logits,
+                    None,
+                    self.config.text_config.vocab_size,
+                    num_items_in_batch=num_items_in_batch,
+                    shift_labels=targets.contiguous(),
+                )
         return ValignCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

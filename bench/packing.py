@@ -12,7 +12,8 @@ has no formula for CPU attention kernels, so attention is left out on CPU) over 
 machine's warm best-of matmul rate and, on a GPU whose datasheet peak is known, against that peak. The packed /
 padded speed-up is the median of per-round paired ratios. Flex attention runs where torch can train with it: on
 CUDA (torch 2.13 has no flex backward on CPU). `--profile N` adds each variant's N operators costing most self
-time (device time on a GPU) in one more step; `--checkpointing` turns activation checkpointing on in every variant.
+time (device time on a GPU) in one more step; `--checkpointing` turns activation checkpointing on in every variant
+and `--loss-chunk-size N` computes the loss N supervised tokens at a time (`ValignConfig.loss_chunk_size`).
 The section of BENCHMARKS.md between the markers named for the shape and the device type is rewritten.
 
 The workload (`conversations`): every sample has one image and 1 + Geometric(0.45) turns (at most 8), questions
@@ -184,7 +185,7 @@ def gpu_peak() -> tuple[str, float] | None:
 
 
 def report(
-    shape: Shape, data, variants: list[Variant], result: dict, matmul: float, pad_id: int, checkpointing: bool
+    shape: Shape, data, variants: list[Variant], result: dict, matmul: float, pad_id: int, settings: list[str]
 ) -> str:
     timed = {packing: batch[1:] for packing, batch in data.items()}
     padded = timed[False]
@@ -197,7 +198,7 @@ def report(
         f"{machine_description()}; Python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}; {shape.description}, {shape.dtype}, hybrid mask, stage 2 (everything trains; "
         f"logits at supervised positions only, as ValignTrainer computes the loss"
-        f"{'; activation checkpointing' if checkpointing else ''}), "
+        f"{''.join('; ' + s for s in settings)}), "
         f"{len(padded)} timed steps of {shape.batch_size} samples after one warm-up step, random weights.",
         "",
         f"Samples: {len(lengths)} timed, {min(lengths)}-{max(lengths)} tokens "
@@ -231,6 +232,8 @@ def report(
     )
     if device().type == "cpu":
         lines.append("- flex attention: not measured on CPU (torch has no flex backward there).")
+    if settings:
+        lines.append("- Model FLOPs are counted as run: they include the forward passes recomputed for the backward.")
     for label, top in result["profiles"].items():
         where = "device" if device().type == "cuda" else "CPU"
         lines += ["", f"Self {where} time of one `{label}` step under `torch.profiler`:", ""]
@@ -250,7 +253,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--checkpointing",
         action="store_true",
-        help="activation checkpointing in every variant (what lets 8 paper-shape samples train in 24 GiB)",
+        help="activation checkpointing in every variant",
+    )
+    parser.add_argument(
+        "--loss-chunk-size",
+        type=int,
+        metavar="N",
+        help="the loss over supervised tokens, N at a time (with --checkpointing, what lets 8 paper-shape samples "
+        "train in 24 GiB on a CPU)",
     )
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     args = parser.parse_args(argv)
@@ -260,6 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     corpus = demo_corpus(DemoSizes())
     tokenizer = prepare_tokenizer(train_tokenizer(corpus), "<|image_pad|>")
     processor, config = build_processor(shape, tokenizer)
+    config.loss_chunk_size = args.loss_chunk_size
     words = sorted({w for line in corpus for w in line.split() if w.isalpha()})
     image = Image.new("RGB", (config.image_size, config.image_size), (120, 80, 200))
     samples = conversations(args.batch_size * (args.steps + 1), words, image)
@@ -270,7 +281,9 @@ def main(argv: list[str] | None = None) -> None:
     matmul = matmul_flops_per_second(shape.dtype)
     with freed_memory_kept(device()):  # as `ValignTrainer.train` runs
         result = train(config, data, variants, shape, args.profile, args.checkpointing)
-    text = report(shape, data, variants, result, matmul, tokenizer.pad_token_id, args.checkpointing)
+    settings = ["activation checkpointing"] if args.checkpointing else []
+    settings += [f"the loss {args.loss_chunk_size} tokens at a time"] if args.loss_chunk_size else []
+    text = report(shape, data, variants, result, matmul, tokenizer.pad_token_id, settings)
     print("\n" + text)
     replace_section(text, f"packing-{shape.name}-{device().type}", args.output)
     print(f"\nwritten to {args.output}", file=sys.stderr)

@@ -85,6 +85,40 @@ def test_logits_at_supervised_positions_only_give_the_full_loss_and_gradients(ch
             model(**batch, labels=labels, logits_to_keep=1)
 
 
+def test_chunked_loss_gives_the_full_loss_and_gradients(checkpoint, model_and_processor):
+    # loss_chunk_size: supervised tokens only, 4 at a time (6 supervised: chunks of 4 and 2), logits recomputed
+    _, processor = model_and_processor
+    batch = one_batch(processor, colors=("red", "blue", "green"))
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, -3:], labels[1, -2:], labels[2, 20] = batch["input_ids"][0, -3:], batch["input_ids"][1, -2:], 7
+    model = ValignForConditionalGeneration.from_pretrained(checkpoint).train()
+    model.config.text_config.attention_dropout = 0.0
+    positions = supervised_positions(labels)
+    for kwargs in ({}, {"logits_to_keep": positions}, {"num_items_in_batch": torch.tensor(11)}):
+        model.config.loss_chunk_size = None
+        full = gradients(model, batch, labels, **kwargs)
+        full_loss = model(**batch, labels=labels, **kwargs).loss
+        model.config.loss_chunk_size = 4
+        chunked = gradients(model, batch, labels, **kwargs)
+        out = model(**batch, labels=labels, **kwargs)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, full_loss, msg=str(kwargs))
+        assert full.keys() == chunked.keys()
+        scale = max(g.abs().max().item() for g in full.values())
+        for name in full:  # the chunks sum in another order: within 1e-6 of the largest gradient entry
+            torch.testing.assert_close(chunked[name], full[name], rtol=0, atol=1e-6 * scale, msg=f"{name} {kwargs}")
+    with torch.no_grad():  # without gradients (evaluation) the logits are computed and returned as usual
+        out = model(**batch, labels=labels)
+    assert out.logits.shape[:2] == labels.shape
+    torch.testing.assert_close(out.loss, full_loss * 11 / 6)  # the last loop's loss was over 11 "items", not 6
+
+
+@pytest.mark.parametrize("size", [0, -4, 2.5, "1024"])
+def test_bad_loss_chunk_size_raises(size):
+    with pytest.raises(ValueError, match="loss_chunk_size must be a positive int or None"):
+        ValignConfig(loss_chunk_size=size)
+
+
 @pytest.mark.parametrize(("vision_feature_layer", "use_reentrant"), [(-1, False), (-2, False), (-2, True)])
 def test_gradient_checkpointing_gives_identical_gradients(
     checkpoint, model_and_processor, vision_feature_layer, use_reentrant

@@ -104,6 +104,8 @@ def test_stage_config_rejects_inconsistent_settings(tmp_path):
         StageConfig(**{**lora, "learning_rates": {"vision_tower": 1e-3}})
     with pytest.raises(ValueError, match="a LoRA stage has no token masking"):
         StageConfig(**{**lora, "attn_mode": "bidirectional", "text_mask_ratio": 0.2})
+    with pytest.raises(ValueError, match="s: loss_chunk_size must be a positive int or None, got '1024'"):
+        StageConfig(**{**base, "data": data, "loss_chunk_size": "1024"})
     (tmp_path / "stage.yaml").write_text("name: s\nattn_mode: hybrid\nlearnig_rates: {}\n")
     with pytest.raises(ValueError, match="unknown fields \\['learnig_rates'\\]"):
         StageConfig.from_yaml(tmp_path / "stage.yaml")
@@ -210,6 +212,17 @@ def test_per_module_learning_rates_and_frozen_modules(checkpoint, data_root, tmp
     assert first["multi_modal_projector"] / first["language_model"] == pytest.approx(5.0)
     assert 0 < first["multi_modal_projector"] <= 1e-3
     assert result.first_loss is not None and (tmp_path / "out" / "training_log.png").stat().st_size > 0
+
+
+def test_a_stage_with_a_chunked_loss_trains_like_a_plain_one_and_its_checkpoint_keeps_the_setting(
+    checkpoint, data_root, tmp_path
+):
+    plain = run_stage(stage("s", max_steps=2), checkpoint, tmp_path / "plain", data_root)
+    chunked = run_stage(stage("s", max_steps=2, loss_chunk_size=5), checkpoint, tmp_path / "chunked", data_root)
+    assert chunked.first_loss == pytest.approx(plain.first_loss, rel=1e-5)  # AdamW's steps hide a scaled loss
+    assert_trained_alike(weights(tmp_path / "chunked"), weights(tmp_path / "plain"))
+    assert any(not torch.equal(weights(checkpoint)[n], w) for n, w in weights(tmp_path / "chunked").items())
+    assert json.loads((tmp_path / "chunked" / "config.json").read_text())["loss_chunk_size"] == 5
 
 
 def faults_reallocating(megabytes: int = 256) -> int:

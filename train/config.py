@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..configuration_valign import ATTN_MODES
+from ..configuration_valign import ATTN_MODES, check_loss_chunk_size
 from ..data.prompts import CAPTION_PROMPT
 
 MODULES = ("vision_tower", "multi_modal_projector", "language_model")
@@ -76,6 +76,7 @@ class StageConfig:
     pack_length: int | None = None  # tokens per packed row; None = max_length
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    loss_chunk_size: int | None = None  # ValignConfig.loss_chunk_size for this stage; None keeps the checkpoint's
     save_steps: int = 500
     logging_steps: int = 10
     seed: int = 0
@@ -101,6 +102,10 @@ class StageConfig:
             raise ValueError(f"{self.name}: text_mask_ratio must be in [0, 1), got {self.text_mask_ratio}")
         if self.text_mask_ratio > 0 and self.attn_mode != "bidirectional":
             raise ValueError(f"{self.name}: token masking is the bidirectional stage's objective; set attn_mode")
+        try:
+            check_loss_chunk_size(self.loss_chunk_size)
+        except ValueError as error:
+            raise ValueError(f"{self.name}: {error}") from None
         if self.precision not in PRECISIONS:
             raise ValueError(f"{self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.data:

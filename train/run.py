@@ -201,6 +201,8 @@ def run_stage(
     model, processor = load_checkpoint(init_from, revision)
     if config.attn_mode is not None:
         model.config.attn_mode = config.attn_mode  # the checkpoint carries the policy it was trained with
+    if config.loss_chunk_size is not None:
+        model.config.loss_chunk_size = config.loss_chunk_size
     mask_token_id = ensure_mask_token(model, processor, config.mask_token) if config.text_mask_ratio > 0 else None
     if config.lora is not None:
         transformers.set_seed(config.seed)  # LoRA's A matrices are drawn at random
