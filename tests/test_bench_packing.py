@@ -86,3 +86,34 @@ def test_the_benchmarks_step_with_the_optimizer_the_trainer_builds(model_and_pro
         return {k: v for k, v in optimizer.defaults.items() if k not in ("lr", "weight_decay")}
 
     assert settings(built_by_benchmarks) == settings(built_by_trainer) and settings(built_by_trainer)["fused"]
+
+
+def test_agreement_in_place_equals_comparing_copies_of_every_gradient():
+    # first_batch_agreement copies no gradient (negates the reference in place); copies give the same numbers
+    torch.manual_seed(0)
+    models = {"a": torch.nn.Linear(4, 3), "b": torch.nn.Linear(4, 3)}
+    models["b"].load_state_dict(models["a"].state_dict())
+    inputs = {key: torch.randn(5, 4) for key in [("a", False), ("a", True), ("b", False), ("b", True)]}
+    variants = [packing.Variant(f"{k} {p}", k, p) for k, p in inputs]
+
+    def forward_backward(variant: packing.Variant, index: int) -> torch.Tensor:
+        loss = models[variant.kernel](inputs[variant.kernel, variant.packing]).sin().mean()
+        loss.backward()
+        return loss.detach()
+
+    copies = []
+    for variant in variants:
+        models[variant.kernel].zero_grad(set_to_none=True)
+        loss = float(forward_backward(variant, 0))
+        copies.append((loss, [p.grad.clone() for p in models[variant.kernel].parameters()]))
+    (loss, grads), others = copies[0], copies[1:]
+    expected_loss = max(abs(other - loss) for other, _ in others)
+    expected_gradient = max((g - r).abs().max().item() for _, o in others for g, r in zip(o, grads))
+    expected_gradient /= max(g.abs().max().item() for g in grads)
+
+    agreement = packing.first_batch_agreement(variants, forward_backward, models)
+    assert expected_gradient > 0.1  # different inputs: the check is not comparing zeros
+    assert agreement == {"loss": pytest.approx(expected_loss), "gradient": pytest.approx(expected_gradient)}
+    assert all(p.grad is None for m in models.values() for p in m.parameters())  # nothing left behind
+    with pytest.raises(ValueError, match="one variant besides 'a False' may use its kernel"):
+        packing.first_batch_agreement([*variants, packing.Variant("a again", "a", True)], forward_backward, models)
