@@ -77,6 +77,9 @@ class StageConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     loss_chunk_size: int | None = None  # ValignConfig.loss_chunk_size for this stage; None keeps the checkpoint's
+    # On a CPU the heap keeps what a step frees for the next (1.3x faster steps); a kept heap can fragment past the
+    # machine's memory where glibc's default (false) fits (docs/DESIGN.md, "Training on a CPU").
+    keep_freed_memory: bool = True
     save_steps: int = 500
     logging_steps: int = 10
     seed: int = 0

@@ -238,6 +238,7 @@ def run_stage(
         train_dataset=dataset,
         data_collator=collator,
         learning_rates=config.learning_rates,
+        keep_freed_memory=config.keep_freed_memory,
         callbacks=[
             TrainingLogCallback(output_dir),
             SkipReportCallback(skips, output_dir),

@@ -80,8 +80,9 @@ class ValignTrainer(Trainer):
     whose loss computes logits only where a token is supervised: the 49k–152k-wide vocabulary head over every
     position is about a fifth of a 135M language model's training step, for the two answer tokens of a VQA sample."""
 
-    def __init__(self, *args, learning_rates: dict[str, float], **kwargs) -> None:
+    def __init__(self, *args, learning_rates: dict[str, float], keep_freed_memory: bool = True, **kwargs) -> None:
         self.learning_rates = learning_rates
+        self.keep_freed_memory = keep_freed_memory
         super().__init__(*args, **kwargs)
 
     def create_accelerator_and_postprocess(self) -> None:
@@ -99,6 +100,8 @@ class ValignTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     def train(self, *args, **kwargs):
+        if not self.keep_freed_memory:
+            return super().train(*args, **kwargs)
         with freed_memory_kept(self.args.device):
             return super().train(*args, **kwargs)
 
