@@ -95,7 +95,7 @@ class ValignConfig(PretrainedConfig):
             output's `logits` are then `None`. Qwen2.5's 151,936-wide head makes fp32 logits the largest activation
             of a step (1.7 GB for 3,000 tokens, plus as much again for their gradient); chunks of 1,024 hold 0.6 GB.
             The paper does not say; `None` (the default) computes every kept position's logits at once, as
-            transformers' language models do.
+            transformers' language models do, and what code that reads `outputs.logits` in training needs.
     """
 
     model_type = "valign"
