@@ -200,7 +200,14 @@ def gpu_peak() -> tuple[str, float] | None:
 
 
 def report(
-    shape: Shape, data, variants: list[Variant], result: dict, matmul: float, pad_id: int, settings: list[str]
+    shape: Shape,
+    data,
+    variants: list[Variant],
+    result: dict,
+    matmul: float,
+    pad_id: int,
+    settings: list[str],
+    recomputed: bool,
 ) -> str:
     timed = {packing: batch[1:] for packing, batch in data.items()}
     padded = timed[False]
@@ -247,7 +254,7 @@ def report(
     )
     if device().type == "cpu":
         lines.append("- flex attention: not measured on CPU (torch has no flex backward there).")
-    if settings:
+    if recomputed:
         lines.append("- Model FLOPs are counted as run: they include the forward passes recomputed for the backward.")
     for label, top in result["profiles"].items():
         where = "device" if device().type == "cuda" else "CPU"
@@ -309,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         settings.append(f"the loss {args.loss_chunk_size} tokens at a time")
     if not args.keep_freed_memory and device().type == "cpu":
         settings.append("freed memory handed back to the OS, glibc's default")
-    text = report(shape, data, variants, result, matmul, tokenizer.pad_token_id, settings)
+    recomputed = args.checkpointing or bool(args.loss_chunk_size)  # layers, or the loss's chunks, run twice
+    text = report(shape, data, variants, result, matmul, tokenizer.pad_token_id, settings, recomputed)
     print("\n" + text)
     replace_section(text, f"packing-{shape.name}-{device().type}", args.output)
     print(f"\nwritten to {args.output}", file=sys.stderr)
