@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -100,9 +100,8 @@ class ValignTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     def train(self, *args, **kwargs):
-        if not self.keep_freed_memory:
-            return super().train(*args, **kwargs)
-        with freed_memory_kept(self.args.device):
+        kept = freed_memory_kept(self.args.device) if self.keep_freed_memory else nullcontext()
+        with kept:
             return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
