@@ -73,8 +73,9 @@ def load_checkpoint(
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
 ) -> tuple[torch.nn.Module, ValignProcessor]:
-    """The model (eval mode, `sdpa` attention) and processor of a valign checkpoint.
+    """The model (eval mode, `sdpa` attention unless told) and processor of a valign checkpoint.
 
     By default the installed valign classes load it, model and processor alike (the tokenizer and image processor
     are the transformers classes its configs name): no file of the checkpoint runs, whatever its configs'
@@ -86,7 +87,9 @@ def load_checkpoint(
     model_class = transformers.AutoModelForImageTextToText if trust_remote_code else ValignForConditionalGeneration
     processor_class = transformers.AutoProcessor if trust_remote_code else ValignProcessor
     remote = {"trust_remote_code": True} if trust_remote_code else {}
-    model = model_class.from_pretrained(name, revision=revision, dtype=dtype, attn_implementation="sdpa", **remote)
+    model = model_class.from_pretrained(
+        name, revision=revision, dtype=dtype, attn_implementation=attn_implementation, **remote
+    )
     processor = processor_class.from_pretrained(name, revision=revision, **remote)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,6 +10,7 @@ SFTTrainer and PEFT expect. This file is served as Hub remote code and runs on t
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,15 +19,19 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from torch.utils.checkpoint import checkpoint
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, AttentionMaskInterface, AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_valign import ATTN_MODES, CACHE_NAME, ValignConfig, cache_argument
 
 # Kernels that take no arbitrary 4D mask: they would silently drop the image-bidirectional pattern.
 KERNELS_WITHOUT_CUSTOM_MASKS = ("flash_attention_2", "flash_attention_3")
+# sdpa that attends packed samples one at a time (`per_sample_sdpa_attention`); the loader's name for it.
+SDPA_PER_SAMPLE = "sdpa_per_sample"
 IGNORE_INDEX = -100
 
 
@@ -162,6 +167,51 @@ def packed_document_ids(
     if not (position_ids[..., 1:] == 0).any():
         return None
     return document_ids_of(position_ids)
+
+
+def sample_lengths_of(document_ids: torch.Tensor) -> list[list[int]]:
+    """Lengths of the packed samples of each row, in order (`document_ids` as `document_ids_of` numbers them)."""
+    return [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in document_ids]
+
+
+def per_sample_sdpa_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    sample_lengths: list[list[int]] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa, run on each packed sample alone when `sample_lengths` (per row) is given.
+
+    The dense mask already blocks attention between samples, so each sample's block of it is all that matters:
+    sdpa over a whole row computes every block anyway, this computes the samples' own (a row of 4 similar samples:
+    a quarter of the products). Same result; without `sample_lengths` it is sdpa itself.
+    """
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if sample_lengths is None:
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+    rows = []
+    for q_row, k_row, v_row, mask_row, lengths in zip(
+        query.unbind(), key.unbind(), value.unbind(), attention_mask.unbind(), sample_lengths, strict=True
+    ):
+        starts = itertools.accumulate(lengths, initial=0)
+        samples = zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1), starts, lengths)
+        rows.append(
+            torch.cat(
+                [
+                    sdpa(module, q[None], k[None], v[None], mask_row[None, :, s : s + n, s : s + n], **kwargs)[0]
+                    for q, k, v, s, n in samples
+                ],
+                dim=1,
+            )
+        )
+    return torch.cat(rows), None
+
+
+AttentionInterface.register(SDPA_PER_SAMPLE, per_sample_sdpa_attention)
+AttentionMaskInterface.register(SDPA_PER_SAMPLE, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
 
 def chunked_head_loss(
@@ -448,6 +498,10 @@ class ValignModel(ValignPreTrainedModel):
 
         image_mask = image_mask if image_features is not None else None
         mask = self.attention_mask_for(image_mask, attention_mask, position_ids, mode, past_length, inputs_embeds.dtype)
+        if self.config.text_config._attn_implementation == SDPA_PER_SAMPLE:
+            document_ids = packed_document_ids(position_ids, attention_mask, past_length)
+            if document_ids is not None:
+                kwargs["sample_lengths"] = sample_lengths_of(document_ids)
         if position_ids is None:  # after the mask: given position ids may mark packed samples, derived ones never do
             batch, q = inputs_embeds.shape[:2]
             position_ids = positions_from_padding(attention_mask, batch, q, past_length, inputs_embeds.device)

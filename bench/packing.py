@@ -57,6 +57,7 @@ from transformers.utils import logging as hf_logging
 
 from valign import ValignForConditionalGeneration
 from valign.configuration_valign import enable_checkpointing
+from valign.modeling_valign import SDPA_PER_SAMPLE
 from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import train_tokenizer
 from valign.train.collator import ConversationCollator
@@ -73,6 +74,21 @@ class Variant:
     label: str
     kernel: str
     packing: bool
+
+    @property
+    def weights(self) -> str:
+        """The model it trains: `sdpa_per_sample` is sdpa on other blocks, so it shares sdpa's model (and memory)."""
+        return "sdpa" if self.kernel == SDPA_PER_SAMPLE else self.kernel
+
+
+def variants_for(kernels: list[str]) -> list[Variant]:
+    """Padded and packed rows for each kernel; `sdpa_per_sample` differs from sdpa on packed rows only."""
+    return [
+        Variant(f"{k}, {'packed' if p else 'padded'}", k, p)
+        for k in kernels
+        for p in (False, True)
+        if p or k != SDPA_PER_SAMPLE
+    ]
 
 
 def conversations(count: int, words: list[str], image, seed: int = 0) -> list[dict]:
@@ -119,7 +135,7 @@ def train(
     """Seconds of each variant's steps (one warm-up step each, then taking turns), the packed step's FLOPs and, with
     `profile`, the `profile` operators costing most in one more step of each variant."""
     models = {}
-    for kernel in sorted({v.kernel for v in variants}):
+    for kernel in sorted({v.weights for v in variants}):
         kernel_config = copy.deepcopy(config)
         kernel_config.text_config._attn_implementation = kernel  # the vision tower keeps sdpa
         torch.manual_seed(0)  # the same weights for every kernel
@@ -132,22 +148,24 @@ def train(
     def forward_backward(variant: Variant, index: int) -> torch.Tensor:
         batch = data[variant.packing][index]
         keep = supervised_positions(batch["labels"])  # the loss as ValignTrainer computes it
+        model = models[variant.weights]
+        model.config.text_config._attn_implementation = variant.kernel  # the language model's own config object
         with autocast:
-            loss = models[variant.kernel](**batch, attn_mode="hybrid", logits_to_keep=keep).loss
+            loss = model(**batch, attn_mode="hybrid", logits_to_keep=keep).loss
         loss.backward()
         return loss.detach()
 
     def step(variant: Variant, index: int) -> None:
         forward_backward(variant, index)
-        optimizers[variant.kernel].step()
-        optimizers[variant.kernel].zero_grad(set_to_none=True)
+        optimizers[variant.weights].step()
+        optimizers[variant.weights].zero_grad(set_to_none=True)
         synchronize()
 
     agreement = first_batch_agreement(variants, forward_backward, models)
     # Counted before any optimizer holds state: under the counter, memory grew by ~1.3 GB a call at the paper shape.
     packed = next(v for v in variants if v.packing)
     flops = [count_flops(lambda i=i: forward_backward(packed, i)) for i in range(1, len(data[True]))]
-    models[packed.kernel].zero_grad(set_to_none=True)
+    models[packed.weights].zero_grad(set_to_none=True)
     release_memory()  # what the checks freed goes back to the OS before the optimizers' state arrives
     for variant in variants:
         step(variant, 0)
@@ -163,29 +181,37 @@ def first_batch_agreement(
     and the attention kernel must not change what is learnt (every kernel's model starts from the same weights).
 
     No gradient is copied (at the paper's shape one set is 3.6 GB, on a 24 GiB machine): the first variant's stay
-    in its model, other kernels' models are compared with them there, and then the one other variant of the first
-    variant's kernel runs its backward onto the negated reference, so its gradients arrive as the difference."""
+    in its model, other models are compared with them there, and then each other variant of the first variant's
+    model runs its backward onto the negated reference, so its gradients arrive as the difference (and, negated
+    and run once more, give the reference back for the next one)."""
     reference, *others = variants
-    home = models[reference.kernel]
-    if sum(v.kernel == reference.kernel for v in others) > 1:
-        raise ValueError(f"one variant besides {reference.label!r} may use its kernel")
+    home = models[reference.weights]
     for model in models.values():
         model.zero_grad(set_to_none=True)
     reference_loss = float(forward_backward(reference, 0))
     scale = max(g.abs().max().item() for g in gradients(home))
     loss_gap, gradient_gap = 0.0, 0.0
-    for variant in sorted(others, key=lambda v: v.kernel == reference.kernel):  # other kernels first
-        model = models[variant.kernel]
+    others = sorted(others, key=lambda v: v.weights == reference.weights)  # other models first
+    for index, variant in enumerate(others):
+        model = models[variant.weights]
         if model is home:
-            for gradient in gradients(home):
-                gradient.neg_()
+            negate(gradients(home))
         loss_gap = max(loss_gap, abs(float(forward_backward(variant, 0)) - reference_loss))
         found = gradients(model)
         differences = found if model is home else (g - r for g, r in zip(found, gradients(home), strict=True))
         gradient_gap = max(gradient_gap, *(d.abs().max().item() for d in differences))
-        model.zero_grad(set_to_none=True)
+        if model is not home:
+            model.zero_grad(set_to_none=True)
+        elif index < len(others) - 1:  # r - v, then + v: the reference's gradients again
+            negate(gradients(home))
+            forward_backward(variant, 0)
     home.zero_grad(set_to_none=True)
     return {"loss": loss_gap, "gradient": gradient_gap / scale}
+
+
+def negate(tensors: list[torch.Tensor]) -> None:
+    for tensor in tensors:
+        tensor.neg_()
 
 
 def gradients(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -243,10 +269,11 @@ def report(
             f"{mfu / 1e12:.3f} T | {mfu / matmul:.0%} |" + (f" {mfu / peak[1]:.1%} |" if peak else "")
         )
     lines.append("")
-    for kernel in sorted({v.kernel for v in variants}):
-        pad, pack = (result["seconds"][f"{kernel}, {'packed' if p else 'padded'}"] for p in (False, True))
+    for variant in (v for v in variants if v.packing):
+        padded = next(v for v in variants if not v.packing and v.weights == variant.weights)
+        pad, pack = result["seconds"][padded.label], result["seconds"][variant.label]
         ratio = statistics.median(a / b for a, b in zip(pad, pack))
-        lines.append(f"- {kernel}: packed rows train the same samples {ratio:.2f}× as fast as padded ones.")
+        lines.append(f"- {variant.kernel}: packed rows train the same samples {ratio:.2f}× as fast as {padded.label}.")
     agreement = result["agreement"]
     lines.append(
         f"- Same weights, first batch, every variant: losses within {agreement['loss']:.1e}, gradients within "
@@ -305,8 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     samples = conversations(args.batch_size * (args.steps + 1), words, image)
     max_length = processor.image_seq_length + MAX_TEXT_TOKENS + 256  # the template's tokens on top of the text
     data = batches(processor, samples, args.batch_size, max_length)
-    kernels = ["sdpa"] + (["flex_attention"] if device().type == "cuda" else [])
-    variants = [Variant(f"{k}, {'packed' if p else 'padded'}", k, p) for k in kernels for p in (False, True)]
+    kernels = ["sdpa", SDPA_PER_SAMPLE] + (["flex_attention"] if device().type == "cuda" else [])
+    variants = variants_for(kernels)
     matmul = matmul_flops_per_second(shape.dtype)
     kept = freed_memory_kept(device()) if args.keep_freed_memory else contextlib.nullcontext()
     with kept:  # as `ValignTrainer.train` runs

@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import prompts, shape_image
 from transformers import AutoModelForCausalLM
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from valign import ValignForConditionalGeneration
-from valign.modeling_valign import build_attention_mask
+from valign.modeling_valign import SDPA_PER_SAMPLE, build_attention_mask
 
 
 def reference_allowed(padding: list[int], is_image: list[bool], mode: str, per_image: int) -> torch.Tensor:
@@ -136,6 +137,68 @@ def test_eager_equals_sdpa_with_left_padding(checkpoint, model_and_processor, mo
     real = batch["attention_mask"].bool()
     assert torch.isfinite(logits["sdpa"]).all() and torch.isfinite(logits["eager"]).all()
     torch.testing.assert_close(logits["eager"][real], logits["sdpa"][real], rtol=1e-4, atol=1e-4)
+
+
+def packed_rows(processor) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Three image prompts of different lengths packed into two rows ([a, b], [c, padding tail]), as the collator
+    lays them out (position ids restart per sample), every token a label; and the length of each sample."""
+    texts = ["What is this?", "Describe the shape and its colour in detail, please.", "Colour?"]
+    encoded = [
+        processor(images=[shape_image(c)], text=prompts(processor, [t]))
+        for c, t in zip(("red", "green", "blue"), texts, strict=True)
+    ]
+    ids = [e["input_ids"][0] for e in encoded]
+    pad = processor.tokenizer.pad_token_id
+    width = len(ids[0]) + len(ids[1])
+    tail = width - len(ids[2])
+    rows = [torch.cat(ids[:2]), torch.cat([ids[2], torch.full((tail,), pad)])]
+    positions = [
+        torch.cat([torch.arange(len(ids[0])), torch.arange(len(ids[1]))]),
+        torch.cat([torch.arange(len(ids[2])), torch.arange(tail)]),
+    ]
+    input_ids = torch.stack(rows)
+    batch = {
+        "input_ids": input_ids,
+        "position_ids": torch.stack(positions),
+        "pixel_values": torch.cat([e["pixel_values"] for e in encoded]),
+        "labels": input_ids.clone(),
+    }
+    return batch, [len(i) for i in ids] + [tail]
+
+
+@pytest.mark.parametrize("mode", ["causal", "hybrid", "bidirectional"])
+def test_per_sample_sdpa_equals_sdpa_on_packed_rows_and_never_attends_across_samples(
+    model_and_processor, checkpoint, mode, monkeypatch
+):
+    """`sdpa_per_sample` (what packed training stages load) runs sdpa on each packed sample's block of the mask
+    alone: the same loss and gradients as sdpa over whole rows, from products no wider than a sample."""
+    batch, lengths = packed_rows(model_and_processor[1])
+    sdpa, blocks = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        if attention_mask is not None and attention_mask.ndim == 4:  # the language model's (the vision tower's: None)
+            blocks.append(tuple(attention_mask.shape[-2:]))
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", recording)
+    results = {}
+    for kernel in ("sdpa", SDPA_PER_SAMPLE):
+        model = ValignForConditionalGeneration.from_pretrained(checkpoint, attn_implementation=kernel)
+        assert model.config.text_config._attn_implementation == kernel
+        blocks.clear()
+        loss = model(**batch, attn_mode=mode).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[kernel] = loss.detach(), grads, sorted(blocks)
+    dense_loss, dense_grads, dense_blocks = results["sdpa"]
+    loss, grads, blocks = results[SDPA_PER_SAMPLE]
+    torch.testing.assert_close(loss, dense_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == dense_grads.keys() and len(grads) > 20
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    layers, width = model.config.text_config.num_hidden_layers, batch["input_ids"].shape[1]
+    assert dense_blocks == [(width, width)] * layers  # one call a layer, every row in full
+    assert blocks == sorted((n, n) for n in lengths for _ in range(layers))
 
 
 def test_left_padding_does_not_change_a_row(model_and_processor):

@@ -10,7 +10,9 @@ from conftest import shape_image
 from test_attention import reference_allowed
 from test_training import assert_trained_alike, data_root, stage, weights  # noqa: F401  (data_root is a fixture)
 
-from valign.modeling_valign import IGNORE_INDEX, build_attention_mask, document_ids_of
+import valign.train.run
+from valign.checkpoint import load_checkpoint
+from valign.modeling_valign import IGNORE_INDEX, SDPA_PER_SAMPLE, build_attention_mask, document_ids_of
 from valign.train.collator import ConversationCollator, pack_rows
 from valign.train.run import run_stage
 
@@ -150,10 +152,18 @@ def test_pack_length_shorter_than_max_length_is_refused(model_and_processor):
         ConversationCollator(model_and_processor[1], max_length=128, packing=True, pack_length=64)
 
 
-def test_packed_stage_trains_to_the_same_weights(checkpoint, data_root, tmp_path):  # noqa: F811
+def test_packed_stage_trains_to_the_same_weights_with_per_sample_sdpa(checkpoint, data_root, tmp_path, monkeypatch):  # noqa: F811
+    kernels = []
+
+    def loading(*args, **kwargs):
+        kernels.append(kwargs["attn_implementation"])
+        return load_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(valign.train.run, "load_checkpoint", loading)
     for packing in (False, True):
         run_stage(
             stage("s", max_steps=3, packing=packing, max_length=256), checkpoint, tmp_path / str(packing), data_root
         )
+    assert kernels == ["sdpa", SDPA_PER_SAMPLE]
     padded, packed = weights(tmp_path / "False"), weights(tmp_path / "True")
     assert_trained_alike(packed, padded)

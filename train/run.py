@@ -26,7 +26,7 @@ from ..data.adapters import build_dataset
 from ..data.skips import SkipCounter
 from ..hub.card import STAGE_RECORD, stage_model_card
 from ..hub.push import push_stage
-from ..modeling_valign import ValignForConditionalGeneration
+from ..modeling_valign import SDPA_PER_SAMPLE, ValignForConditionalGeneration
 from ..processing_valign import ValignProcessor
 from .collator import ConversationCollator
 from .config import StageConfig
@@ -198,7 +198,9 @@ def run_stage(
     data_root = Path(data_root) if data_root is not None else None
     fingerprint = stage_fingerprint(config, init_from, data_root, revision)
     checkpoint = prepare_output(output_dir, fingerprint, resume, overwrite)
-    model, processor = load_checkpoint(init_from, revision)
+    # Packed rows: sdpa on each sample alone, never over the blocks between samples the mask blocks anyway.
+    attention = SDPA_PER_SAMPLE if config.packing else "sdpa"
+    model, processor = load_checkpoint(init_from, revision, attn_implementation=attention)
     if config.attn_mode is not None:
         model.config.attn_mode = config.attn_mode  # the checkpoint carries the policy it was trained with
     if config.loss_chunk_size is not None:
