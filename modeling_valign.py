@@ -30,7 +30,7 @@ from .configuration_valign import ATTN_MODES, CACHE_NAME, ValignConfig, cache_ar
 
 # Kernels that take no arbitrary 4D mask: they would silently drop the image-bidirectional pattern.
 KERNELS_WITHOUT_CUSTOM_MASKS = ("flash_attention_2", "flash_attention_3")
-# sdpa that attends packed samples one at a time (`per_sample_sdpa_attention`); the loader's name for it.
+# The `attn_implementation` name of sdpa that attends packed samples one at a time (`per_sample_sdpa_attention`).
 SDPA_PER_SAMPLE = "sdpa_per_sample"
 IGNORE_INDEX = -100
 
