@@ -26,7 +26,6 @@ cannot be read offline). Answer lengths of chat data are heavy-tailed, which is 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
 import math
@@ -335,8 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels = ["sdpa", SDPA_PER_SAMPLE] + (["flex_attention"] if device().type == "cuda" else [])
     variants = variants_for(kernels)
     matmul = matmul_flops_per_second(shape.dtype)
-    kept = freed_memory_kept(device()) if args.keep_freed_memory else contextlib.nullcontext()
-    with kept:  # as `ValignTrainer.train` runs
+    with freed_memory_kept(device(), args.keep_freed_memory):  # as `ValignTrainer.train` runs
         result = train(config, data, variants, shape, args.profile, args.checkpointing)
     settings = ["activation checkpointing"] if args.checkpointing else []
     if args.loss_chunk_size:

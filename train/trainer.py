@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,15 +47,16 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def freed_memory_kept(device: torch.device):
+def freed_memory_kept(device: torch.device, keep: bool = True):
     """While training on a CPU, keep glibc's malloc from handing freed memory back to the kernel; hand it back after.
+    `keep=False` (a stage's `keep_freed_memory: false`) leaves glibc's default.
 
     A training step frees and reallocates the same gigabytes every step. By default glibc serves each block over
     32 MB with a fresh `mmap` and unmaps it when freed, and trims the heap's free top, so every step page-faults the
     kernel into zeroing those pages again (measured in docs/DESIGN.md, "Training on a CPU"). jemalloc or tcmalloc
     (`LD_PRELOAD`) avoid it too; this needs no install. Elsewhere than glibc it does nothing."""
     try:
-        libc = ctypes.CDLL("libc.so.6") if device.type == "cpu" else None
+        libc = ctypes.CDLL("libc.so.6") if keep and device.type == "cpu" else None
     except OSError:
         libc = None
     if libc is None or not hasattr(libc, "mallopt"):
@@ -100,8 +101,7 @@ class ValignTrainer(Trainer):
             self.is_fsdp_enabled = True
 
     def train(self, *args, **kwargs):
-        kept = freed_memory_kept(self.args.device) if self.keep_freed_memory else nullcontext()
-        with kept:
+        with freed_memory_kept(self.args.device, self.keep_freed_memory):
             return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, *args, **kwargs):
