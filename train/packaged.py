@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import transformers
 
 from ..checkpoint import valign_cache
+from ..configuration_valign import TRANSFORMERS_MAJOR, unmarked_gguf_config
 
 # facebook/dinov2-small's config.json and preprocessor_config.json; the ONNX graph agrees (LayerNorm eps 1e-6, erf
 # GELU, 37×37 position grid = 518 px / 14).
@@ -140,8 +140,7 @@ def packaged_backbones() -> tuple[Path, Path]:
     vision = cached_conversion("dinov2-small", onnx_file, convert_dinov2)
     # `save_pretrained` writes the installed major's format (5.x tokenizer and RoPE fields 4.x misreads): one folder
     # per transformers major. The DINOv2 folder is in the Hub's form, which every release reads.
-    major = transformers.__version__.split(".")[0]
-    text = cached_conversion(f"smollm2-135m-instruct-transformers{major}", gguf_file, convert_smollm2)
+    text = cached_conversion(f"smollm2-135m-instruct-transformers{TRANSFORMERS_MAJOR}", gguf_file, convert_smollm2)
     return vision, text
 
 
@@ -215,10 +214,8 @@ def convert_smollm2(gguf_file: Path, folder: Path) -> None:
 
     source = {"pretrained_model_name_or_path": gguf_file.parent, "gguf_file": gguf_file.name}
     quantized = AutoModelForCausalLM.from_pretrained(**source)
-    # The loaded model stays marked as GGUF-quantized, which `save_pretrained` refuses: copy it into a plain one.
-    config = quantized.config
-    del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
+    # The loaded model may stay marked as GGUF-quantized, which `save_pretrained` refuses: copy it into a plain one.
+    model = AutoModelForCausalLM.from_config(unmarked_gguf_config(quantized.config))
     model.load_state_dict(quantized.state_dict())
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(**source).save_pretrained(folder)

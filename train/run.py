@@ -21,7 +21,7 @@ from torch.utils.data import ConcatDataset
 from transformers import TrainerCallback, TrainingArguments
 
 from ..checkpoint import load_checkpoint, native_bf16, save_checkpoint
-from ..configuration_valign import checkpointing_arguments
+from ..configuration_valign import accelerate_environment_kept, checkpointing_arguments, warmup_argument
 from ..data.adapters import build_dataset
 from ..data.skips import SkipCounter
 from ..hub.card import STAGE_RECORD, stage_model_card
@@ -130,12 +130,6 @@ def as_trained_here(config: StageConfig) -> StageConfig:
     return dataclasses.replace(config, precision=resolve_precision(config.precision))
 
 
-def warmup_argument(ratio: float) -> dict[str, float]:
-    # transformers 5 takes a ratio as a float `warmup_steps` < 1 and dropped `warmup_ratio`; 4.x has both.
-    names = {f.name for f in dataclasses.fields(TrainingArguments)}
-    return {"warmup_ratio": ratio} if "warmup_ratio" in names else {"warmup_steps": ratio}
-
-
 def resolve_precision(precision: str) -> str:
     """The precision a stage trains in: "auto" is bf16 where the device computes it natively (a GPU with bf16, or
     a CPU with AVX512-BF16 / AMX), else fp16 on a GPU and fp32 on a CPU; other values stand as given."""
@@ -231,27 +225,28 @@ def run_stage(
         pack_length=config.pack_length,
     )
     dataset, skips = stage_dataset(config, data_root, collator)
-    args = training_arguments(config, output_dir)
-    if checkpoint is None and (output_dir / "training_log.jsonl").exists():
-        (output_dir / "training_log.jsonl").unlink()  # a run from step 0 starts a fresh log
-    trainer = ValignTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        data_collator=collator,
-        learning_rates=config.learning_rates,
-        keep_freed_memory=config.keep_freed_memory,
-        callbacks=[
-            TrainingLogCallback(output_dir),
-            SkipReportCallback(skips, output_dir),
-            *callbacks,
-            FingerprintCallback(fingerprint),  # last: it marks a checkpoint complete
-        ],
-    )
-    if is_main_process():
-        print(f"{config.name}: {describe(config, len(dataset))} -> {output_dir}", flush=True)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    model = unsharded(trainer, model)
+    with accelerate_environment_kept():  # what transformers 4.x's TrainingArguments write for the Trainer
+        args = training_arguments(config, output_dir)
+        if checkpoint is None and (output_dir / "training_log.jsonl").exists():
+            (output_dir / "training_log.jsonl").unlink()  # a run from step 0 starts a fresh log
+        trainer = ValignTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            learning_rates=config.learning_rates,
+            keep_freed_memory=config.keep_freed_memory,
+            callbacks=[
+                TrainingLogCallback(output_dir),
+                SkipReportCallback(skips, output_dir),
+                *callbacks,
+                FingerprintCallback(fingerprint),  # last: it marks a checkpoint complete
+            ],
+        )
+        if is_main_process():
+            print(f"{config.name}: {describe(config, len(dataset))} -> {output_dir}", flush=True)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        model = unsharded(trainer, model)
 
     if is_main_process():
         save_checkpoint(model, processor, output_dir)

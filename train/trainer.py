@@ -14,6 +14,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..configuration_valign import fsdp_plugin_arguments
 from ..data.skips import SkipCounter
 from .config import MODULES
 
@@ -87,9 +88,9 @@ class ValignTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def create_accelerator_and_postprocess(self) -> None:
+        plugin_args = fsdp_plugin_arguments(self.args)  # before accelerate fails on what transformers 4.x cannot do
         super().create_accelerator_and_postprocess()
         state = self.accelerator.state
-        plugin_args = getattr(self.args, "fsdp_plugin_args", None)  # transformers 4.x passes FSDP by environment
         if plugin_args is not None and state.distributed_type == DistributedType.MULTI_CPU:
             # accelerate keeps an FSDP plugin only on GPU kinds and silently trains CPU processes with DDP instead;
             # torch's FSDP2 shards over gloo as well (tests/test_fsdp.py), so CPU processes get it too.
