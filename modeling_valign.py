@@ -1,10 +1,11 @@
 """valign: a vision encoder → 2-layer MLP projector → decoder-only language model (arXiv 2503.19508).
 
-The paper's idea lives in `build_attention_mask`: inside `forward`, the language model's attention is overridden
-so that the patch tokens of one image see each other in both directions ("hybrid"), everything sees everything
-("bidirectional", alignment stage) or the usual causal mask applies ("causal"). The layout follows transformers'
-LLaVA (`model.vision_tower`, `model.multi_modal_projector`, `model.language_model`, `lm_head`), which TRL's
-SFTTrainer and PEFT expect. This file is served as Hub remote code and runs on transformers 4.57 and 5.x.
+The paper's idea lives in `attention_rule`, which `build_attention_mask` renders: inside `forward`, the language
+model's attention is overridden so that the patch tokens of one image see each other in both directions
+("hybrid"), everything sees everything ("bidirectional", alignment stage) or the usual causal mask applies
+("causal"). The layout follows transformers' LLaVA (`model.vision_tower`, `model.multi_modal_projector`,
+`model.language_model`, `lm_head`), which TRL's SFTTrainer and PEFT expect. This file is served as Hub remote
+code and runs on transformers 4.57 and 5.x.
 """
 
 from __future__ import annotations
@@ -348,7 +349,7 @@ class ValignPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
-    _supports_flash_attn = True  # causal mode only; hybrid and bidirectional refuse it in forward
+    _supports_flash_attn = True  # where no 4D mask is needed (causal, decode steps); forward refuses it otherwise
     _supports_flex_attn = True  # every mode: the mask is rendered as a BlockMask (build_attention_mask)
     _supports_attention_backend = True
 

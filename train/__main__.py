@@ -2,7 +2,7 @@
 
     python -m valign.train                                   the embedded default: the offline CPU demo
     python -m valign.train demo [--output DIR] [--resume] [--backbones tiny]   (without --resume: replaces one)
-    python -m valign.train curve [--output DIR] [--steps 28 56 112 224 448] [--backbones tiny]
+    python -m valign.train curve [--output DIR] [--steps 28 112 224 448 896] [--backbones tiny]
     python -m valign.train ablations [--output DIR] [--arms ARM ...] [--seeds 0 1 2] [--backbones tiny] \\
         [--last-stage-steps N]
     python -m valign.train recipe paper --output runs/paper \\
@@ -30,7 +30,7 @@ from .curve import CURVE_STEPS
 from .demo import BACKBONES
 from .distributed import is_main_process
 from .fingerprint import refuse_to_replace
-from .run import run_recipe, run_stage
+from .run import RECIPES, run_recipe, run_stage
 
 
 def step_count(value: str) -> int:
@@ -68,7 +68,8 @@ def parser() -> argparse.ArgumentParser:
     curve.add_argument("--backbones", choices=BACKBONES, default="packaged")
 
     recipe = commands.add_parser("recipe", help="run every stage of a recipe folder")
-    recipe.add_argument("recipe", help="a folder of stage*.yaml files, or a shipped recipe's name: demo, paper")
+    shipped = ", ".join(sorted(folder.name for folder in RECIPES.iterdir() if folder.is_dir()))
+    recipe.add_argument("recipe", help=f"a folder of stage*.yaml files, or a shipped recipe's name: {shipped}")
     stage = commands.add_parser("stage", help="run one stage file")
     stage.add_argument("config", type=Path)
     for command in (recipe, stage):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+from ..checkpoint import save_checkpoint
 from ..configuration_valign import ValignConfig
 from ..hub.card import write_model_card
 from ..modeling_valign import ValignForConditionalGeneration, unwrap_vision_encoder
@@ -164,8 +165,7 @@ def assemble_init(vision: str, text: str, gguf_file: str | None, folder: Path) -
     """A stage-0 starting checkpoint from pretrained backbones (fresh projector), made once across processes."""
     if is_main_process():
         model, processor = from_backbones(vision, text, gguf_file=gguf_file)
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
+        save_checkpoint(model, processor, folder)
         write_model_card(folder, base_models=[vision, text], summary="Assembled from its backbones; not trained yet.")
     wait_for_everyone()
     return folder
