@@ -284,13 +284,15 @@ def accelerate_environment_kept() -> Iterator[None]:
     """Run a stage's Trainer in this block: 4.x's `TrainingArguments` hand mixed precision and FSDP to accelerate by
     writing environment variables (`ACCELERATE_MIXED_PRECISION`, `ACCELERATE_USE_FSDP`, `FSDP_*`), which later
     stages of the process then inherited (an fp32 stage after a bf16 one trained in bf16: tests/test_training.py);
-    after the block the environment is as before. 5.x hands them to accelerate directly. Remove with 4.x."""
-    saved = dict(os.environ)
+    after the block those variables are as before. 5.x hands them to accelerate directly. Remove with 4.x."""
+    prefixes = ("ACCELERATE_", "FSDP_")  # every variable 4.57's TrainingArguments write
+    saved = {key: value for key, value in os.environ.items() if key.startswith(prefixes)}
     try:
         yield
     finally:
         if TRANSFORMERS_MAJOR < 5:
-            os.environ.clear()
+            for key in [key for key in os.environ if key.startswith(prefixes)]:
+                del os.environ[key]
             os.environ.update(saved)
 
 
