@@ -46,6 +46,7 @@ CACHE_BUCKET = 128  # cache lengths round up to a multiple of this, for the same
 # step's activations quantized to int8 per token too, so the products run as int8 x int8 (AMX / VNNI kernels).
 QUANTIZED = {"int8": "Int8WeightOnlyConfig", "w8a8": "Int8DynamicActivationInt8WeightConfig"}
 WEIGHTS = ("native", *QUANTIZED)
+AVAILABLE = CACHE_NAME == "cache"  # the StaticCache API used here (appending `update`) came with transformers 5.24
 RECOMPILE_LIMIT = 64  # graphs per compiled function (dynamo's default, 8, would run later shapes eagerly, silently)
 
 
@@ -83,7 +84,7 @@ class CompiledValign:
     in for the model in `eval.generate.generate_answers` (the `valign` command and the app)."""
 
     def __init__(self, model: nn.Module, weights: str = "native") -> None:
-        if CACHE_NAME != "cache":  # the StaticCache API used here (appending `update`) came with 5.24
+        if not AVAILABLE:
             raise RuntimeError("the compiled runtime needs transformers 5.24 or newer; use the torch runtime")
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")

@@ -8,7 +8,8 @@ in one place for the `valign` command, the app and Python users (`load_for_gener
 - a GPU: PyTorch eager;
 - a CPU that computes bf16 natively (AMX / AVX512-BF16): PyTorch in bf16, compiled (`export/compiled_runtime.py`)
   when the load serves many generations (a server, or `generations` of at least `COMPILE_PAYS_AFTER`), since
-  compiling costs more than a few captions save; eager for fewer;
+  compiling costs more than a few captions save, and the compiled runtime runs here (transformers 5.24 or newer);
+  eager otherwise;
 - a CPU without native bf16 (e.g. AVX2 only), when the checkpoint's fp32 export is in the cache: onnxruntime, which
   runs at the weight-streaming floor there while eager PyTorch decodes 1.8x slower (BENCHMARKS.md);
 - else PyTorch, as saved.
@@ -40,6 +41,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import checkpoint_location, is_local, load_checkpoint, native_bf16, valign_cache
+from .compiled_runtime import AVAILABLE as COMPILED_AVAILABLE
 from .compiled_runtime import QUANTIZED, CompiledValign
 from .onnx_runtime import EXPORT_FORMAT, MANIFEST_FILE, OnnxValign, export_onnx
 
@@ -103,7 +105,8 @@ def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto", ge
     if torch.cuda.is_available():
         return "torch"
     if precision == "bf16" or (precision == "auto" and native_bf16("cpu")):
-        return "compiled" if generations is None or generations >= COMPILE_PAYS_AFTER else "torch"
+        pays = generations is None or generations >= COMPILE_PAYS_AFTER
+        return "compiled" if pays and COMPILED_AVAILABLE else "torch"
     return "onnx" if is_export(cached_export(checkpoint)) else "torch"
 
 

@@ -109,6 +109,9 @@ def test_auto_takes_the_compiled_runtime_where_it_pays(checkpoint, monkeypatch):
     monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": True)
     assert choose_runtime("auto", checkpoint, generations=1) == "torch"  # compiling costs more than one caption
     assert choose_runtime("auto", checkpoint) == "compiled"  # unknown count: a server, many generations
+    with monkeypatch.context() as older:  # transformers before 5.24 (the compiled runtime refuses to start there)
+        older.setattr("valign.export.runtime.COMPILED_AVAILABLE", False)
+        assert choose_runtime("auto", checkpoint) == "torch"
     assert choose_runtime("auto", checkpoint, precision="int8", generations=1) == "compiled"
     assert choose_runtime("auto", checkpoint, precision="w8a8", generations=1) == "compiled"
     with pytest.raises(ValueError, match="w8a8 weights run on the compiled runtime"):
