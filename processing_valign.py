@@ -404,10 +404,11 @@ class ValignProcessor(ProcessorMixin):
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> list:
-        """The image processor and tokenizer, as the transformers classes the checkpoint's configs name.
+        """The image processor and tokenizer, as the transformers classes the checkpoint's configs name (transformers
+        up to 5.24 loads a processor's parts here; 5.25 through `_load_tokenizer_from_pretrained` below).
 
         ProcessorMixin loads them with the Auto classes, which see the checkpoint's `auto_map` (and, in 5.x, valign's
-        unregistered `config.json`) and ask whether to run the checkpoint's code, or run it. Only with
+        unregistered `config.json`) and ask on the terminal whether to run the checkpoint's code, or run it. Only with
         `trust_remote_code=True` (what AutoProcessor passes when a Hub user opts in) do the Auto classes load them.
         """
         if kwargs.get("trust_remote_code"):
@@ -417,11 +418,21 @@ class ValignProcessor(ProcessorMixin):
         image_config, _ = ImageProcessingMixin.get_image_processor_dict(name, **kwargs)
         image_type = image_config.get("image_processor_type")
         image_processor = transformers_class(image_type, [image_type], get_image_processor_class_from_name)
-        tokenizer_type = get_tokenizer_config(name, **kwargs).get("tokenizer_class")
-        # 4.x's AutoTokenizer takes the fast (tokenizers) variant, the one valign saves; 5.x maps both names to one.
-        names = [tokenizer_type] if str(tokenizer_type).endswith("Fast") else [f"{tokenizer_type}Fast", tokenizer_type]
-        tokenizer = transformers_class(tokenizer_type, names, tokenizer_class_from_name)
-        return [image_processor.from_pretrained(name, **kwargs), tokenizer.from_pretrained(name, **kwargs)]
+        return [image_processor.from_pretrained(name, **kwargs), installed_tokenizer(name, **kwargs)]
+
+    @classmethod
+    def _load_tokenizer_from_pretrained(
+        cls, sub_processor_type: str, pretrained_model_name_or_path: Any, subfolder: str = "", **kwargs: Any
+    ) -> Any:
+        """The tokenizer, for transformers 5.25 and later (see `_get_arguments_from_pretrained`): there AutoTokenizer
+        asked "Do you wish to run the custom code? [y/N]" at every load of a valign checkpoint by the installed
+        classes, and printed it on stdout where nobody could answer (`valign caption --json`)."""
+        if kwargs.get("trust_remote_code"):
+            return super()._load_tokenizer_from_pretrained(
+                sub_processor_type, pretrained_model_name_or_path, subfolder, **kwargs
+            )
+        kwargs.pop("trust_remote_code", None)
+        return installed_tokenizer(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -434,6 +445,14 @@ class ValignProcessor(ProcessorMixin):
             config = {**portable_tokenizer_config(json.loads(path.read_text())), "padding_side": "left"}
             path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return saved
+
+
+def installed_tokenizer(name: Any, **kwargs: Any) -> Any:
+    """The checkpoint's tokenizer as the transformers class its `tokenizer_config.json` names, without AutoTokenizer."""
+    tokenizer_type = get_tokenizer_config(name, **kwargs).get("tokenizer_class")
+    # 4.x's AutoTokenizer takes the fast (tokenizers) variant, the one valign saves; 5.x maps both names to one.
+    names = [tokenizer_type] if str(tokenizer_type).endswith("Fast") else [f"{tokenizer_type}Fast", tokenizer_type]
+    return transformers_class(tokenizer_type, names, tokenizer_class_from_name).from_pretrained(name, **kwargs)
 
 
 def transformers_class(declared: str | None, names: list[str], resolve: Any) -> type:

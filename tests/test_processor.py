@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import builtins
+
 import pytest
 import torch
 from conftest import chat, prompts, shape_image
+
+from valign.checkpoint import load_checkpoint
 
 
 def test_each_placeholder_becomes_one_wrapped_image_span(model_and_processor):
@@ -81,3 +85,16 @@ def test_truncation_never_cuts_into_an_image_span(model_and_processor):
     assert (cut == model.config.image_token_id).sum() == 16
     with pytest.raises(ValueError, match="without cutting into an image span"):
         processor(images=[shape_image("red")], text=text, truncation=True, max_length=10)
+
+
+def test_loading_a_checkpoint_by_the_installed_classes_never_asks_to_run_its_code(checkpoint, monkeypatch):
+    """transformers 5.25 loads a processor's tokenizer through AutoTokenizer, which saw valign's `auto_map` and asked
+    "Do you wish to run the custom code? [y/N]" at every load, on stdout (into `valign caption --json`'s output)."""
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "n")
+    _, processor = load_checkpoint(checkpoint)
+    _, remote = load_checkpoint(checkpoint, trust_remote_code=True)  # what a Hub user who opts in gets
+    assert asked == []
+    text = "<|im_start|>user\nDescribe the image.<|im_end|>"
+    assert processor.tokenizer(text)["input_ids"] == remote.tokenizer(text)["input_ids"]
+    assert type(processor.tokenizer).__name__ == type(remote.tokenizer).__name__
