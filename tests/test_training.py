@@ -24,7 +24,7 @@ from valign.configuration_valign import TRANSFORMERS_MAJOR, fsdp_plugin_argument
 from valign.data.synthetic import load_easy_vqa, make_caption_dataset, write_parquet
 from valign.modeling_valign import IGNORE_INDEX
 from valign.train.collator import ConversationCollator, mask_answer_tokens, sample_generator
-from valign.train.config import LoraSettings, StageConfig
+from valign.train.config import MODULES, LoraSettings, StageConfig
 from valign.train.run import ensure_mask_token, resolve_precision, run_recipe, run_stage, training_arguments
 from valign.train.trainer import module_of, set_trainable
 
@@ -256,8 +256,7 @@ def test_a_stage_with_a_chunked_loss_trains_like_a_plain_one_and_its_checkpoint_
 ):
     # Plain SGD, so that each update is the gradient itself: AdamW's first steps are about the learning rate
     # wherever a gradient is near zero (rounding noise too), and the same whatever the gradient's scale.
-    rates = dict.fromkeys(("vision_tower", "multi_modal_projector", "language_model"), 0.1)
-    fields = {"max_steps": 2, "learning_rates": rates, "extra_training_args": {"optim": "sgd"}}
+    fields = {"max_steps": 2, "learning_rates": dict.fromkeys(MODULES, 0.1), "extra_training_args": {"optim": "sgd"}}
     plain = run_stage(stage("s", **fields), checkpoint, tmp_path / "plain", data_root)
     chunked = run_stage(stage("s", loss_chunk_size=5, **fields), checkpoint, tmp_path / "chunked", data_root)
     assert chunked.first_loss == pytest.approx(plain.first_loss, rel=1e-5)
