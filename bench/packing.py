@@ -60,10 +60,13 @@ from valign.modeling_valign import SDPA_PER_SAMPLE
 from valign.train.assembly import prepare_tokenizer
 from valign.train.backbones import train_tokenizer
 from valign.train.collator import ConversationCollator
+from valign.train.config import StageConfig
 from valign.train.demo import DemoSizes, demo_corpus
+from valign.train.run import RECIPES
 from valign.train.trainer import freed_memory_kept, supervised_positions
 
 MAX_TEXT_TOKENS = 1500
+PAPER_PACK_LENGTH = StageConfig.from_yaml(RECIPES / "paper" / "stage3.yaml").pack_length
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), by a word of the device name.
 GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
@@ -115,12 +118,12 @@ def conversations(count: int, words: list[str], image, seed: int = 0) -> list[di
     return samples
 
 
-def batches(processor, samples: list[dict], batch_size: int, max_length: int) -> dict[bool, list[dict]]:
+def batches(
+    processor, samples: list[dict], batch_size: int, max_length: int, pack_length: int
+) -> dict[bool, list[dict]]:
     groups = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    return {
-        packing: [to_device(ConversationCollator(processor, max_length, packing=packing)(g)) for g in groups]
-        for packing in (False, True)
-    }
+    collators = {p: ConversationCollator(processor, max_length, packing=p, pack_length=pack_length) for p in (0, 1)}
+    return {bool(p): [to_device(collator(g)) for g in groups] for p, collator in collators.items()}
 
 
 def train(
@@ -271,8 +274,11 @@ def report(
     for variant in (v for v in variants if v.packing):
         padded = next(v for v in variants if not v.packing and v.weights == variant.weights)
         pad, pack = result["seconds"][padded.label], result["seconds"][variant.label]
-        ratio = statistics.median(a / b for a, b in zip(pad, pack))
-        lines.append(f"- {variant.kernel}: packed rows train the same samples {ratio:.2f}× as fast as {padded.label}.")
+        ratios = [a / b for a, b in zip(pad, pack)]
+        lines.append(
+            f"- {variant.kernel}: packed rows train the same samples {statistics.median(ratios):.3f}× as fast as "
+            f"{padded.label} (median; each step: {', '.join(f'{r:.2f}' for r in ratios)})."
+        )
     agreement = result["agreement"]
     lines.append(
         f"- Same weights, first batch, every variant: losses within {agreement['loss']:.1e}, gradients within "
@@ -287,7 +293,8 @@ def report(
         lines += ["", f"Self {where} time of one `{label}` step under `torch.profiler`:", ""]
         lines += ["| operator | share |", "|---|---|"] + [f"| `{name}` | {share:.0%} |" for name, share in top]
     lines.append(
-        f"- Matmul rate ({shape.dtype}, 2048², warm, best of 10) measured in the same run: {matmul / 1e12:.2f} TFLOP/s."
+        f"- Matmul rate ({shape.dtype}, 2048², warm, best of 10 before and 10 after the steps) measured in the same "
+        f"run: {matmul / 1e12:.2f} TFLOP/s."
     )
     return "\n".join(lines)
 
@@ -297,6 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=["small", "paper"], default="small")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--pack-length",
+        type=int,
+        default=PAPER_PACK_LENGTH,
+        metavar="N",
+        help="tokens per packed row (default: the paper recipe's stage 3)",
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="list each variant's N costliest operators")
     parser.add_argument(
         "--checkpointing",
@@ -330,13 +344,17 @@ def main(argv: list[str] | None = None) -> None:
     image = Image.new("RGB", (config.image_size, config.image_size), (120, 80, 200))
     samples = conversations(args.batch_size * (args.steps + 1), words, image)
     max_length = processor.image_seq_length + MAX_TEXT_TOKENS + 256  # the template's tokens on top of the text
-    data = batches(processor, samples, args.batch_size, max_length)
+    data = batches(processor, samples, args.batch_size, max_length, args.pack_length)
     kernels = ["sdpa", SDPA_PER_SAMPLE] + (["flex_attention"] if device().type == "cuda" else [])
     variants = variants_for(kernels)
     matmul = matmul_flops_per_second(shape.dtype)
     with freed_memory_kept(device(), args.keep_freed_memory):  # as `ValignTrainer.train` runs
         result = train(config, data, variants, shape, args.profile, args.checkpointing)
-    settings = ["activation checkpointing"] if args.checkpointing else []
+    # Once more after the steps: one reading on a shared machine can be far low (0.53 vs 0.92 TFLOP/s an hour apart).
+    matmul = max(matmul, matmul_flops_per_second(shape.dtype))
+    settings = [f"packed rows of up to {args.pack_length} tokens"]
+    if args.checkpointing:
+        settings.append("activation checkpointing")
     if args.loss_chunk_size:
         settings.append(f"the loss {args.loss_chunk_size} tokens at a time")
     if not args.keep_freed_memory and device().type == "cpu":
