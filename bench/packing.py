@@ -119,7 +119,7 @@ def conversations(count: int, words: list[str], image, seed: int = 0) -> list[di
 
 
 def batches(
-    processor, samples: list[dict], batch_size: int, max_length: int, pack_length: int
+    processor, samples: list[dict], batch_size: int, max_length: int, pack_length: int | None = None
 ) -> dict[bool, list[dict]]:
     groups = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
     collators = {p: ConversationCollator(processor, max_length, packing=p, pack_length=pack_length) for p in (0, 1)}
