@@ -14,6 +14,7 @@ padded speed-up is the median of per-round paired ratios. Flex attention runs wh
 CUDA (torch 2.13 has no flex backward on CPU). `--profile N` adds each variant's N operators costing most self
 time (device time on a GPU) in one more step; `--checkpointing` turns activation checkpointing on in every variant
 and `--loss-chunk-size N` computes the loss N supervised tokens at a time (`ValignConfig.loss_chunk_size`);
+`--pack-length N` caps packed rows at N tokens (default: the paper recipe's stage 3, whose rows hold a batch of 8);
 `--no-keep-freed-memory` leaves glibc to hand freed memory back (a paper-shape run on a 24 GiB CPU needs it).
 The section of BENCHMARKS.md between the markers named for the shape and the device type is rewritten.
 
@@ -122,8 +123,13 @@ def batches(
     processor, samples: list[dict], batch_size: int, max_length: int, pack_length: int | None = None
 ) -> dict[bool, list[dict]]:
     groups = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
-    collators = {p: ConversationCollator(processor, max_length, packing=p, pack_length=pack_length) for p in (0, 1)}
-    return {bool(p): [to_device(collator(g)) for g in groups] for p, collator in collators.items()}
+    return {
+        packing: [
+            to_device(ConversationCollator(processor, max_length, packing=packing, pack_length=pack_length)(g))
+            for g in groups
+        ]
+        for packing in (False, True)
+    }
 
 
 def train(
