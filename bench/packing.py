@@ -67,7 +67,6 @@ from valign.train.run import RECIPES
 from valign.train.trainer import freed_memory_kept, supervised_positions
 
 MAX_TEXT_TOKENS = 1500
-PAPER_PACK_LENGTH = StageConfig.from_yaml(RECIPES / "paper" / "stage3.yaml").pack_length
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s), by a word of the device name.
 GPU_PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
 
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--pack-length",
         type=int,
-        default=PAPER_PACK_LENGTH,
+        default=StageConfig.from_yaml(RECIPES / "paper" / "stage3.yaml").pack_length,
         metavar="N",
         help="tokens per packed row (default: the paper recipe's stage 3)",
     )
