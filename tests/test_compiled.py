@@ -12,10 +12,13 @@ from conftest import prompts, shape_image
 from torch._dynamo.utils import counters
 
 from valign.checkpoint import load_checkpoint
+from valign.export import compiled_runtime
 from valign.export.compiled_runtime import PROMPT_BUCKET, CompiledValign
 from valign.export.runtime import choose_runtime, load_for_generation
 
 QUESTIONS = ["What colour is the shape?", "Describe the image in detail, with many words, please."]
+# Before transformers 5.24 (the canary's 4.57 and 5.23) the runtime refuses to start, as the last test asserts.
+needs_the_runtime = pytest.mark.skipif(not compiled_runtime.AVAILABLE, reason="the compiled runtime needs 5.24")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,6 +44,7 @@ def batch(eager_and_compiled) -> dict:
     return processor(images=[shape_image("red"), shape_image("blue")], text=prompts(processor, QUESTIONS))
 
 
+@needs_the_runtime
 @pytest.mark.parametrize("mode", ["hybrid", "causal"])
 def test_compiled_runtime_decodes_the_tokens_eager_generate_decodes(eager_and_compiled, batch, mode: str):
     eager, compiled, _ = eager_and_compiled
@@ -51,6 +55,7 @@ def test_compiled_runtime_decodes_the_tokens_eager_generate_decodes(eager_and_co
     assert torch.equal(compiled.generate(**one, attn_mode=mode, max_new_tokens=12), expected[1:])
 
 
+@needs_the_runtime
 def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint, eager_and_compiled):
     processor = eager_and_compiled[2]
     runtime = CompiledValign(load_checkpoint(checkpoint)[0])
@@ -78,6 +83,7 @@ def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint
     assert graphs > 0 and templates == 0  # several rows decode through oneDNN
 
 
+@needs_the_runtime
 def test_compiled_runtime_refuses_what_it_cannot_decode(eager_and_compiled, batch):
     _, compiled, _ = eager_and_compiled
     with pytest.raises(ValueError, match="greedily only"):
@@ -88,6 +94,7 @@ def test_compiled_runtime_refuses_what_it_cannot_decode(eager_and_compiled, batc
         CompiledValign(compiled.model, weights="int3")
 
 
+@needs_the_runtime
 @pytest.mark.parametrize("weights", ["int8", "w8a8"])
 def test_quantized_decoding_has_int8_weights_and_mostly_the_same_tokens(checkpoint, eager_and_compiled, batch, weights):
     eager, _, _ = eager_and_compiled
@@ -105,6 +112,7 @@ def test_quantized_decoding_has_int8_weights_and_mostly_the_same_tokens(checkpoi
     assert agreement >= 0.5  # random tiny weights: near ties are common, yet most greedy tokens survive int8
 
 
+@needs_the_runtime
 def test_auto_takes_the_compiled_runtime_where_it_pays(checkpoint, monkeypatch):
     monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": True)
     assert choose_runtime("auto", checkpoint, generations=1) == "torch"  # compiling costs more than one caption
@@ -123,3 +131,9 @@ def test_auto_takes_the_compiled_runtime_where_it_pays(checkpoint, monkeypatch):
     model, _, used = load_for_generation(checkpoint, runtime="compiled", precision="fp32")
     assert used == "compiled" and isinstance(model, CompiledValign)
     assert next(model.model.parameters()).dtype == torch.float32
+
+
+def test_the_runtime_refuses_to_start_before_transformers_5_24(checkpoint, monkeypatch):
+    monkeypatch.setattr(compiled_runtime, "AVAILABLE", False)  # as it is there: no appending StaticCache.update
+    with pytest.raises(RuntimeError, match=r"needs transformers 5\.24 or newer"):
+        CompiledValign(load_checkpoint(checkpoint)[0])

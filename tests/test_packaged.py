@@ -72,7 +72,8 @@ def test_the_other_major_reads_the_vision_folder_identically(folders, drawn_pixe
     model = Dinov2Model.from_pretrained(folders[0], attn_implementation="eager").eval()
     with torch.no_grad():
         here = model(drawn_pixels).last_hidden_state
-    torch.testing.assert_close(torch.load(tmp_path / "there.pt"), here, rtol=0, atol=1e-5)
+    # A misread weight moves features by far more; 1e-4 leaves room for another torch release there (the canary's).
+    torch.testing.assert_close(torch.load(tmp_path / "there.pt"), here, rtol=0, atol=1e-4)
 
 
 def test_converted_smollm2_answers_a_chat_prompt(folders):
