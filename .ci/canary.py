@@ -268,10 +268,12 @@ def main() -> int:
                 say(installed["log"])
                 versions = f"transformers {env.expected}, {env.torch}"
                 failures.append(f"canary: {versions} ({env.name}) fails to install: {installed['error']}")
-                continue
-            summary, failure = run_tests(env, installed, tests)
-            summaries.append(summary)
-            failures += [failure] if failure else []
+            else:
+                summary, failure = run_tests(env, installed, tests)
+                summaries.append(summary)
+                failures += [failure] if failure else []
+            if env.locked is None:  # a CUDA build of torch takes 6.5 GB: at most two environments exist at once
+                shutil.rmtree(env.venv, ignore_errors=True)
     say("")
     for line in [*notes, *summaries, *failures]:
         say(line)
