@@ -41,9 +41,18 @@ def native_bf16(device: str | torch.device = "cpu") -> bool:
     """
     if torch.device(device).type == "cuda":
         return torch.cuda.is_bf16_supported()
-    # torch.cpu has no public capability query for these two; the private probes exist since torch 2.1.
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return cpu_has("_is_avx512_bf16_supported") or cpu_has_amx()
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids), whose bf16 products the compiled runtime's
+    decode steps run by inductor's GEMM template (`export/compiled_runtime.decode_graph_settings`)."""
+    return cpu_has("_is_amx_tile_supported")
+
+
+def cpu_has(probe: str) -> bool:
+    # torch.cpu has no public capability query for these; the private probes exist since torch 2.1.
+    return getattr(torch.cpu, probe, lambda: False)()
 
 
 def is_local(name: str | Path) -> bool:

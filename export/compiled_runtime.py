@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache, StaticCache
 
+from ..checkpoint import cpu_has_amx
 from ..configuration_valign import CACHE_NAME
 from ..modeling_valign import positions_from_padding
 from .greedy import check_generation_config, check_greedy, decode_greedily
@@ -63,19 +64,19 @@ def quantized_copy(module: nn.Module, weights: str, share: nn.Module | None = No
 
 @contextlib.contextmanager
 def decode_graph_settings(device: torch.device, weights: str, batch: int) -> Iterator[None]:
-    """How a one-row decode step with float weights compiles on a CPU (read when its graph compiles): its products by
-    inductor's C++ GEMM template, chosen by autotuning, rather than oneDNN's prepacked kernels, and attention as plain
-    products and a softmax that inductor fuses, rather than the flash kernel. At the paper's shape on 2 AMX cores
-    (bf16) a step took 50-52 ms against 65-71 ms, its products streaming 22-25 GB/s; compiling takes about 40 s more.
-    Where it stays with oneDNN: 8 rows (82 against 77 ms a step), the prompt (oneDNN 2.2x faster on its 256-row
-    products) and int8 weights (torchao's kernels; the template found no choice for w8a8's at the paper's shape)."""
+    """How a one-row decode step with float weights compiles on a CPU (read when its graph compiles): attention as
+    plain products and a softmax that inductor fuses, rather than the flash kernel, and, with AMX, its products by
+    inductor's C++ GEMM template, chosen by autotuning, rather than oneDNN's prepacked kernels. Paper shape, bf16,
+    2 cores: with AMX (torch 2.13) a step took 50-52 ms by the template against 65-71 ms by oneDNN, compiling about
+    40 s more; on an EPYC with AVX512-BF16 and no AMX, 24.6 ms by oneDNN against 54.9 ms by the template (torch
+    2.13; 31.9 against 58.8 ms on 2.15; autotuning between both, 33.0 ms). oneDNN also keeps 8 rows (82 against
+    77 ms a step with AMX), the prompt (2.2x faster on its 256-row products) and int8 weights (torchao's kernels;
+    the template found no choice for w8a8's at the paper's shape)."""
     if device.type != "cpu" or weights != "native" or batch != 1:
         yield
         return
-    with (
-        torch._inductor.config.patch(max_autotune=True, max_autotune_gemm_backends="CPP"),
-        sdpa_kernel(SDPBackend.MATH),
-    ):
+    template = torch._inductor.config.patch(max_autotune=True, max_autotune_gemm_backends="CPP")
+    with template if cpu_has_amx() else contextlib.nullcontext(), sdpa_kernel(SDPBackend.MATH):
         yield
 
 

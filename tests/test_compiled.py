@@ -56,9 +56,10 @@ def test_compiled_runtime_decodes_the_tokens_eager_generate_decodes(eager_and_co
 
 
 @needs_the_runtime
-def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint, eager_and_compiled):
+def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint, eager_and_compiled, monkeypatch):
     processor = eager_and_compiled[2]
     runtime = CompiledValign(load_checkpoint(checkpoint)[0])
+    monkeypatch.setattr(compiled_runtime, "cpu_has_amx", lambda: True)  # one-row steps by the GEMM template
     short, longer = (
         processor(images=[shape_image("green")], text=prompts(processor, [q])) for q in ("Green?", "Is it green?")
     )
@@ -81,6 +82,10 @@ def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint
     two_rows = processor(images=[shape_image("green")] * 2, text=prompts(processor, ["Green?"] * 2))
     graphs, templates = graphs_compiled(two_rows, 2)
     assert graphs > 0 and templates == 0  # several rows decode through oneDNN
+    monkeypatch.setattr(compiled_runtime, "cpu_has_amx", lambda: False)  # so does one row without AMX
+    runtime = CompiledValign(load_checkpoint(checkpoint)[0])
+    graphs, templates = graphs_compiled(short, 2)
+    assert graphs > 0 and templates == 0
 
 
 @needs_the_runtime
