@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 from torch.utils.flop_counter import FlopCounterMode
@@ -157,27 +158,54 @@ def best_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
 
 
 def matmul_flops_per_second(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
-    """The machine's dense matmul rate in `dtype` (warm, best of `repeats`): what a step could reach at best."""
+    """The machine's dense matmul rate in `dtype` (warm, best of `repeats`): what a step could reach at best. On a
+    CPU, fp32 takes the faster of torch's product and onnxruntime's: torch's runs through MKL, which runs no AVX-512
+    kernels on AMD CPUs (2-core Zen 5 EPYC: 0.22 TFLOP/s against onnxruntime's 0.46)."""
     a, b = (torch.randn(size, size, device=device(), dtype=dtype) for _ in range(2))
-    return 2 * size**3 / best_time(lambda: a @ b, repeats)
+    rate = 2 * size**3 / best_time(lambda: a @ b, repeats)
+    if dtype == torch.float32 and device().type == "cpu":
+        rate = max(rate, 2 * size**3 / onnxruntime_matmul_time(a.numpy(), b.numpy(), repeats))
+    return rate
 
 
-def weight_stream_rate(
+def onnxruntime_matmul_time(a: np.ndarray, b: np.ndarray, repeats: int) -> float:
+    """Seconds onnxruntime's CPU MatMul (MLAS) takes for `a @ b` on torch's thread count (warm, best of `repeats`)."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, x.shape) for name, x in (("a", a), ("b", b))]
+    output = helper.make_tensor_value_info("c", TensorProto.FLOAT, (a.shape[0], b.shape[1]))
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul", inputs, [output])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    session = onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return best_time(lambda: session.run(None, {"a": a, "b": b}), repeats)
+
+
+STREAM_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], object]] = {
+    "matrix–vector product": lambda weight, vector: weight @ vector,
+    "sum": lambda weight, vector: weight.sum(),
+}
+
+
+def weight_stream_rates(
     dtype: torch.dtype, working_set: int, rows: int = 8192, cols: int = 8192, repeats: int = 10
-) -> float:
-    """Bytes/s of weights warm matrix–vector products read, cycling through distinct matrices of `working_set` bytes
-    in all: what bounds a decode step, which reads that many bytes of weights once per token. One matrix read again
-    and again partly stays in the last-level cache (480 MiB on one 2-core VM): it streamed 30-36 GB/s where 1 GB of
-    distinct matrices streamed 26 GB/s."""
+) -> dict[str, float]:
+    """Bytes/s at which each of `STREAM_KERNELS` reads weights (warm, best of `repeats`), cycling through distinct
+    matrices of `working_set` bytes in all: a decode step reads that many bytes of weights once per token, and one
+    matrix read again and again partly stays in the last-level cache (480 MiB on one 2-core VM: it streamed 30-36
+    GB/s where 1 GB of distinct matrices streamed 26 GB/s). The matrix–vector product is what eager decoding runs;
+    the sum shows what the memory allows, which a product's kernel may fall well short of: on a 2-core EPYC torch
+    2.13's bf16 product read 19 GB/s, its sum 71 GB/s, and oneDNN's prepacked products about 40 GB/s."""
     size = rows * cols * torch.finfo(dtype).bits // 8
     weights = [torch.randn(rows, cols, device=device(), dtype=dtype) for _ in range(max(1, -(-working_set // size)))]
     vector = torch.randn(cols, device=device(), dtype=dtype)
 
-    def stream() -> None:
-        for weight in weights:
-            weight @ vector
+    def stream(kernel: Callable[[torch.Tensor, torch.Tensor], object]) -> Callable[[], None]:
+        return lambda: [kernel(weight, vector) for weight in weights]
 
-    return len(weights) * size / best_time(stream, repeats)
+    return {name: len(weights) * size / best_time(stream(kernel), repeats) for name, kernel in STREAM_KERNELS.items()}
 
 
 def machine_description() -> str:
