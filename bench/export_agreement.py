@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from harness import compiled_variant, cpu_supports_bf16, machine_description, replace_section
+from harness import compiled_variant, machine_description, replace_section
 from transformers.utils import logging as hf_logging
 
-from valign.checkpoint import load_checkpoint
+from valign.checkpoint import load_checkpoint, native_bf16
 from valign.data.prompts import CAPTION_PROMPT
 from valign.data.synthetic import make_caption_eval_set
 from valign.eval.captions import evaluate_captions
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     sizes = DemoSizes()
     model, processor = load_checkpoint(args.checkpoint)
     results = {"PyTorch eager, fp32": scores(model, processor, sizes)}
-    dtype = torch.bfloat16 if cpu_supports_bf16() else torch.float32  # what `--precision auto` computes in
+    dtype = torch.bfloat16 if native_bf16() else torch.float32  # what `--precision auto` computes in
     for weights in args.compiled:
         compiled = CompiledValign(load_checkpoint(args.checkpoint, dtype=dtype)[0], weights)
         results[compiled_variant(weights, dtype)] = scores(compiled, processor, sizes)

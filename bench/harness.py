@@ -228,11 +228,6 @@ def compiled_variant(weights: str, dtype: torch.dtype) -> str:
     return f"PyTorch compiled, {COMPILED_WEIGHTS[weights]}{dtype_name(dtype)}"
 
 
-def cpu_supports_bf16() -> bool:
-    flags = next((line for line in cpuinfo() if line.startswith("flags")), "")
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def cpuinfo() -> list[str]:
     return Path("/proc/cpuinfo").read_text().splitlines()
 

@@ -41,7 +41,6 @@ from harness import (
     TokenClock,
     compiled_variant,
     count_flops,
-    cpu_supports_bf16,
     device,
     dtype_name,
     machine_description,
@@ -54,7 +53,7 @@ from transformers import StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
-from valign.checkpoint import load_checkpoint
+from valign.checkpoint import load_checkpoint, native_bf16
 from valign.export.compiled_runtime import WEIGHTS, CompiledValign
 from valign.export.onnx_runtime import DECODER_FILE, OnnxValign, export_model, quantize_export
 
@@ -222,7 +221,7 @@ def bench(args: argparse.Namespace, scratch: Path) -> tuple[list[dict], dict]:
     model = build_model(args.checkpoint)
     config = model.config
     # bf16 only where the hardware computes it (CUDA, AMX / AVX512-BF16): elsewhere its kernels are emulated.
-    dtypes = [torch.float32, *([torch.bfloat16] if torch.cuda.is_available() or cpu_supports_bf16() else [])]
+    dtypes = [torch.float32, *([torch.bfloat16] if native_bf16(device()) else [])]
     # Streaming is measured over as many bytes of distinct weights as the model's decode step reads in that dtype.
     step_bytes = {dtype: decode_weight_bytes(model) // model.dtype.itemsize * dtype.itemsize for dtype in dtypes}
     limits = measure_limits(step_bytes)

@@ -26,7 +26,6 @@ import transformers
 from harness import (
     TokenClock,
     count_flops,
-    cpu_supports_bf16,
     device,
     machine_description,
     matmul_flops_per_second,
@@ -43,6 +42,7 @@ from transformers import Dinov2Config, LlamaConfig, StoppingCriteriaList
 from transformers.utils import logging as hf_logging
 
 from valign import ValignConfig, ValignForConditionalGeneration
+from valign.checkpoint import native_bf16
 from valign.data.adapters import adapt
 from valign.data.prompts import CAPTION_PROMPT
 from valign.data.synthetic import make_caption_dataset
@@ -103,7 +103,7 @@ def paper_config(vocab_size: int, image_token_id: int) -> ValignConfig:
 
 
 def shapes() -> dict[str, Shape]:
-    paper_dtype = torch.bfloat16 if torch.cuda.is_available() or cpu_supports_bf16() else torch.float32
+    paper_dtype = torch.bfloat16 if native_bf16(device()) else torch.float32
     return {
         "small": Shape(
             "small",
