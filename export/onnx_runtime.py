@@ -133,10 +133,20 @@ def quantize_graph(path: Path, bits: int) -> None:
 def export_onnx(checkpoint: str | Path, folder: str | Path, weights: str = "fp32", revision: str | None = None) -> Path:
     """Write the ONNX graphs of `checkpoint` (folder or Hub id), its configs and its processor into `folder`."""
     check_weights(weights)
+    check_export_folder(Path(folder))  # before the minutes of loading and exporting
     model, processor = load_checkpoint(checkpoint, revision, dtype=torch.float32)
     export_model(model, folder, weights, source=str(checkpoint))
     processor.save_pretrained(folder)
     return Path(folder)
+
+
+def check_export_folder(folder: Path) -> None:
+    """Refuse a folder that holds anything but an earlier export: a checkpoint folder given by mistake would be
+    overwritten with another model's files, and then served as that model."""
+    if folder.is_file():
+        raise FileExistsError(f"{folder} is a file; give a new or empty folder for the export")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MANIFEST_FILE).is_file():
+        raise FileExistsError(f"{folder} holds files and is not an ONNX export; give a new or empty folder")
 
 
 def check_weights(weights: str) -> None:
@@ -149,7 +159,9 @@ def export_model(model: nn.Module, folder: str | Path, weights: str = "fp32", so
     """Write the graphs of a float32 valign `model` with its config and generation config into `folder`."""
     check_weights(weights)
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_export_folder(folder)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier export: none of its files may outlive it
+    folder.mkdir(parents=True)
     config = model.config
     layers, (heads, head_dim) = config.text_config.num_hidden_layers, kv_shape(config)
     batch, query, past, keys, image_rows = map(torch.export.Dim, ("batch", "query", "past", "keys", "image_rows"))

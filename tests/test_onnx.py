@@ -89,6 +89,24 @@ def own_checkpoint(checkpoint: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(checkpoint, tmp_path / "checkpoint"))
 
 
+def test_an_export_replaces_an_earlier_export_and_nothing_else(
+    exported: Path, checkpoint: Path, own_checkpoint: Path, tmp_path: Path, capsys
+):
+    before = {path.name: path.read_bytes() for path in own_checkpoint.iterdir() if path.is_file()}
+    assert cli.main(["export", str(checkpoint), str(own_checkpoint)]) == 2  # a checkpoint folder given by mistake
+    assert "is not an ONNX export" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in own_checkpoint.iterdir() if path.is_file()} == before
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    with pytest.raises(FileExistsError, match="is a file"):
+        export_onnx(checkpoint, note)
+    earlier = Path(shutil.copytree(exported, tmp_path / "earlier"))
+    (earlier / "stale.onnx").write_text("from the earlier export")
+    export_onnx(checkpoint, earlier)
+    assert not (earlier / "stale.onnx").exists()
+    assert sorted(path.name for path in earlier.iterdir()) == sorted(path.name for path in exported.iterdir())
+
+
 def test_auto_runs_the_cached_export_once_there_is_one(own_checkpoint: Path, tmp_path: Path, capsys):
     image = tmp_path / "red.png"
     shape_image("red").save(image)
