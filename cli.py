@@ -53,7 +53,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import transformers
 from tqdm.auto import tqdm
@@ -76,6 +76,15 @@ class UsageError(Exception):
     """What the user asked for cannot be done (exit status 2); the message says why."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's, whose errors (unknown option, invalid choice, ...) go through `main` like valign's own: with
+    `--json`, they print the JSON error object too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
 @dataclass
 class Result:
     path: str
@@ -96,7 +105,7 @@ def default_model() -> str | Path:
         return DEMO_CHECKPOINT
     raise FileNotFoundError(
         f"no --model given and no demo checkpoint at {DEMO_CHECKPOINT}: train one with `python -m valign.train` "
-        "(the offline demo, about 10 minutes on a CPU), or pass --model with a checkpoint folder or a Hub repo id"
+        "(the offline demo, a few minutes on a CPU), or pass --model with a checkpoint folder or a Hub repo id"
     )
 
 
@@ -124,7 +133,7 @@ def run(
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="valign", description=__doc__.split("\n")[0])
+    root = ArgumentParser(prog="valign", description=__doc__.split("\n")[0])
     commands = root.add_subparsers(dest="command", required=True)
     caption = commands.add_parser("caption", help="describe each image")
     caption.add_argument("images", nargs="+", metavar="IMAGE")
@@ -175,19 +184,23 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parser().parse_args(argv)
+    except UsageError as error:
+        return failure("--json" in argv, EXIT_USAGE, str(error))
     try:
         return export_model(args) if args.command == "export" else answer_images(args)
     except (UsageError, PromptTooLongError) as error:
-        return failure(args, EXIT_USAGE, str(error))
+        return failure(args.json, EXIT_USAGE, str(error))
     except Exception as error:  # a crash: reported once, with its own status, after any answers already printed
         traceback.print_exc()
-        return failure(args, EXIT_INTERNAL, f"internal error: {type(error).__name__}: {error}")
+        return failure(args.json, EXIT_INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
-def failure(args: argparse.Namespace, status: int, message: str) -> int:
+def failure(as_json: bool, status: int, message: str) -> int:
     print(f"valign: error: {message}", file=sys.stderr, flush=True)
-    if args.json:
+    if as_json:
         print(json.dumps({"error": message, "exit_status": status}, ensure_ascii=False), flush=True)
     return status
 
@@ -226,9 +239,13 @@ def answer_images(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise UsageError("--batch-size and --max-new-tokens must be positive")
     if args.command == "caption":
-        paths, prompt = args.images, args.prompt
+        paths, text, name = args.images, args.prompt, "--prompt"
+        prompt = text
     else:
-        paths, prompt = [args.image], args.question if args.no_instruction else vqa_prompt(args.question)
+        paths, text, name = [args.image], args.question, "question"
+        prompt = text if args.no_instruction else vqa_prompt(text)
+    if not text.strip():  # e.g. an unset shell variable: the model would answer it all the same
+        raise UsageError(f"the {name} is empty")
     # Loading notices and the weight-loading bar would bury the answers; errors still raise.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

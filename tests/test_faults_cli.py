@@ -218,6 +218,28 @@ def test_usage_errors_print_a_json_object_too(red: Path, capsys) -> None:
     assert cli.main(["caption", str(red), "--batch-size", "0", "--json"]) == cli.EXIT_USAGE
     message = "--batch-size and --max-new-tokens must be positive"
     assert json.loads(capsys.readouterr().out) == {"error": message, "exit_status": 2}
+    # argparse's own errors too, after its usage line
+    assert cli.main(["caption", str(red), "--runtime", "gpu", "--json"]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert json.loads(out)["error"].startswith("argument --runtime: invalid choice: 'gpu'")
+    assert err.startswith("usage: valign caption")
+    assert cli.main(["caption", str(red), "--max-new-tokens", "abc"]) == cli.EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == "" and "valign: error: argument --max-new-tokens: invalid int value: 'abc'" in err
+
+
+@pytest.mark.parametrize(
+    "argv, name",
+    [
+        (["ask", "IMAGE", ""], "question"),
+        (["ask", "IMAGE", "  \t"], "question"),
+        (["caption", "IMAGE", "--prompt", " "], "--prompt"),
+    ],
+)
+def test_an_empty_question_or_prompt_is_refused(argv: list[str], name: str, red: Path, capsys) -> None:
+    argv = [str(red) if arg == "IMAGE" else arg for arg in argv]
+    assert cli.main([*argv, "--model", "never-loaded", "--json"]) == cli.EXIT_USAGE
+    assert json.loads(capsys.readouterr().out) == {"error": f"the {name} is empty", "exit_status": 2}
 
 
 # --------------------------------------------------------------------------- the language model's positions
