@@ -125,7 +125,10 @@ def run(
                     result.error = str(error)
             if readable:
                 images = [image for _, image in readable]
-                texts = generate_answers(model, processor, images, [prompt] * len(images), settings, progress=False)
+                prompts = [prompt] * len(images)
+                # Every batch as many rows as the first, so the compiled runtime compiles one batch size only.
+                rows = min(settings.batch_size, len(paths))
+                texts = generate_answers(model, processor, images, prompts, settings, progress=False, rows=rows)
                 for (result, _), text in zip(readable, texts):
                     result.text = text
             yield from results

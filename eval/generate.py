@@ -60,20 +60,32 @@ def generate_answers(
     settings: DecodingSettings | None = None,
     desc: str = "generating",
     progress: bool = True,
+    rows: int | None = None,
 ) -> list[str]:
     """The model's reply to `prompts[i]` about `images[i]`, for every i, with a progress bar unless `progress`
     is False (callers that show their own). Raises PromptTooLongError before generating a batch that does not fit
-    the language model's positions."""
+    the language model's positions.
+
+    A runtime that compiles graphs per batch size (`fixed_batch`, the compiled one: a minute or more each at the
+    paper's shape) gets every batch filled up to `rows` (default: the batch size, or fewer prompts) with copies of
+    its last item, whose answers are dropped, so a last, smaller batch compiles nothing new."""
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     settings = settings or DecodingSettings()
     mode = generation_mode(model, settings.attn_mode)
     texts = [chat_prompt(processor, prompt) for prompt in prompts]
+    rows = (rows or min(settings.batch_size, len(texts))) if getattr(model, "fixed_batch", False) else 0
     answers: list[str] = []
     with tqdm(total=len(texts), desc=desc, unit="item", disable=not progress) as bar:
         for start in range(0, len(texts), settings.batch_size):
             stop = start + settings.batch_size
-            batch = processor(images=list(images[start:stop]), text=texts[start:stop]).to(model.device)
+            chunk_images, chunk_texts = list(images[start:stop]), texts[start:stop]
+            filler = max(rows - len(chunk_texts), 0)
+            filled = {
+                "images": chunk_images + chunk_images[-1:] * filler,
+                "text": chunk_texts + chunk_texts[-1:] * filler,
+            }
+            batch = processor(**filled).to(model.device)
             check_positions(model, batch["input_ids"].shape[1], settings.max_new_tokens)
             tokens = model.generate(
                 **batch,
@@ -82,7 +94,7 @@ def generate_answers(
                 num_beams=settings.num_beams,
                 do_sample=False,
             )
-            new_tokens = tokens[:, batch["input_ids"].shape[1] :]
+            new_tokens = tokens[: len(chunk_texts), batch["input_ids"].shape[1] :]
             answers += [a.strip() for a in processor.batch_decode(new_tokens, skip_special_tokens=True)]
             bar.update(len(new_tokens))
     return answers

@@ -84,6 +84,8 @@ class CompiledValign:
     """A valign model whose `generate` decodes greedily, as `model.generate` does, through compiled graphs; it stands
     in for the model in `eval.generate.generate_answers` (the `valign` command and the app)."""
 
+    fixed_batch = True  # graphs are compiled per batch size: `generate_answers` fills a last, smaller batch up
+
     def __init__(self, model: nn.Module, weights: str = "native") -> None:
         if not AVAILABLE:
             raise RuntimeError("the compiled runtime needs transformers 5.24 or newer; use the torch runtime")

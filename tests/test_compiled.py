@@ -12,9 +12,10 @@ from conftest import prompts, shape_image
 from torch._dynamo.utils import counters
 
 from valign.checkpoint import load_checkpoint
+from valign.eval.generate import DecodingSettings, generate_answers
 from valign.export import compiled_runtime
 from valign.export.compiled_runtime import PROMPT_BUCKET, CompiledValign
-from valign.export.runtime import choose_runtime, load_for_generation
+from valign.export.runtime import checkpoint_parameters, choose_runtime, load_for_generation
 
 QUESTIONS = ["What colour is the shape?", "Describe the image in detail, with many words, please."]
 # Before transformers 5.24 (the canary's 4.57 and 5.23) the runtime refuses to start, as the last test asserts.
@@ -89,6 +90,21 @@ def test_graphs_are_compiled_per_shape_not_per_token_or_prompt_length(checkpoint
 
 
 @needs_the_runtime
+def test_a_last_smaller_batch_is_filled_up_and_compiles_nothing(checkpoint, eager_and_compiled):
+    eager, _, processor = eager_and_compiled
+    runtime = CompiledValign(load_checkpoint(checkpoint)[0])
+    images = [shape_image(color) for color in ("red", "blue", "green")]
+    questions = ["What colour is the shape?"] * 3
+    settings = DecodingSettings(max_new_tokens=6, batch_size=2)
+    generate_answers(runtime, processor, images[:2], questions[:2], settings, progress=False)  # batch 2's graphs
+    graphs = counters["stats"]["unique_graphs"]
+    answers = generate_answers(runtime, processor, images, questions, settings, progress=False)
+    assert counters["stats"]["unique_graphs"] == graphs  # the last batch of one ran as two rows
+    # the filler's answer (the green one's copy) is dropped: three answers, each eager generate's
+    assert answers == generate_answers(eager, processor, images, questions, settings, progress=False)
+
+
+@needs_the_runtime
 def test_compiled_runtime_refuses_what_it_cannot_decode(eager_and_compiled, batch):
     _, compiled, _ = eager_and_compiled
     with pytest.raises(ValueError, match="greedily only"):
@@ -118,8 +134,12 @@ def test_quantized_decoding_has_int8_weights_and_mostly_the_same_tokens(checkpoi
 
 
 @needs_the_runtime
-def test_auto_takes_the_compiled_runtime_where_it_pays(checkpoint, monkeypatch):
+def test_auto_takes_the_compiled_runtime_where_it_pays(checkpoint, model_and_processor, monkeypatch):
     monkeypatch.setattr("valign.export.runtime.native_bf16", lambda device="cpu": True)
+    stored = sum(p.numel() for p in model_and_processor[0].parameters())  # a tied weight counted once
+    assert checkpoint_parameters(checkpoint) == stored
+    assert choose_runtime("auto", checkpoint) == "torch"  # too small for compiling to pay, however many captions
+    monkeypatch.setattr("valign.export.runtime.COMPILE_PAYS_FROM", stored)  # as if it were large
     assert choose_runtime("auto", checkpoint, generations=1) == "torch"  # compiling costs more than one caption
     assert choose_runtime("auto", checkpoint) == "compiled"  # unknown count: a server, many generations
     with monkeypatch.context() as older:  # transformers before 5.24 (the compiled runtime refuses to start there)
