@@ -7,9 +7,10 @@ in one place for the `valign` command, the app and Python users (`load_for_gener
 - `precision="int8"` or `"w8a8"`: the compiled runtime (eager PyTorch has no fast int8 kernels);
 - a GPU: PyTorch eager;
 - a CPU that computes bf16 natively (AMX / AVX512-BF16): PyTorch in bf16, compiled (`export/compiled_runtime.py`)
-  when the load serves many generations (a server, or `generations` of at least `COMPILE_PAYS_AFTER`), since
-  compiling costs more than a few captions save, and the compiled runtime runs here (transformers 5.24 or newer);
-  eager otherwise;
+  when the load serves many generations (a server, or `generations` of at least `COMPILE_PAYS_AFTER`) of a model
+  of at least `COMPILE_PAYS_FROM` parameters, since compiling costs more than a few captions save and a small
+  model's captions gain little from it, and the compiled runtime runs here (transformers 5.24 or newer); eager
+  otherwise;
 - a CPU without native bf16 (e.g. AVX2 only), when the checkpoint's fp32 export is in the cache: onnxruntime, which
   runs at the weight-streaming floor there while eager PyTorch decodes 1.8x slower (BENCHMARKS.md);
 - else PyTorch, as saved.
@@ -33,12 +34,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from ..checkpoint import checkpoint_location, is_local, load_checkpoint, native_bf16, valign_cache
 from .compiled_runtime import AVAILABLE as COMPILED_AVAILABLE
@@ -50,6 +53,10 @@ PRECISIONS = ("auto", "fp32", "bf16", *QUANTIZED)
 # Captions after which compiling has paid for itself, at the paper's shape on 2 AMX cores (BENCHMARKS.md, batch 1):
 # compiling the prompt and decode graphs took 74-114 s and then saved 1.1 s a caption against eager bf16.
 COMPILE_PAYS_AFTER = 100
+# Parameters from which it pays at all: the demo's checkpoint (DINOv2-small + SmolLM2-135M, 0.16 B) captioned 100
+# images in 163 s compiled against 21 s eager (2-core EPYC, 2026-12-07): each compile took ~70 s, each caption
+# gained ~0.03 s. The paper's shape has 0.9 B.
+COMPILE_PAYS_FROM = 500_000_000
 
 
 def is_export(folder: str | Path) -> bool:
@@ -105,9 +112,21 @@ def choose_runtime(requested: str, checkpoint: Path, precision: str = "auto", ge
     if torch.cuda.is_available():
         return "torch"
     if precision == "bf16" or (precision == "auto" and native_bf16("cpu")):
-        pays = generations is None or generations >= COMPILE_PAYS_AFTER
+        many = generations is None or generations >= COMPILE_PAYS_AFTER
+        pays = many and checkpoint_parameters(checkpoint) >= COMPILE_PAYS_FROM
         return "compiled" if pays and COMPILED_AVAILABLE else "torch"
     return "onnx" if is_export(cached_export(checkpoint)) else "torch"
+
+
+def checkpoint_parameters(folder: Path) -> int:
+    """The parameters a checkpoint folder stores, read from its safetensors files' headers (tied weights are stored
+    once); 0 without any (an old `.bin` checkpoint: not worth compiling by this count)."""
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, framework="pt") as weights:
+            names = weights.keys()  # a safe_open handle is not iterable
+            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in names)
+    return total
 
 
 def torch_dtype(precision: str, device: str) -> torch.dtype | None:
