@@ -288,9 +288,9 @@ def _intro(title: str | None, summary: str | None, stage: str | None, base_model
     origin = f"Checkpoint at the end of training stage **{stage}** of valign" if stage else "A checkpoint of valign"
     bases = ", ".join(f"`{name}`" for name in base_models) or "none recorded"
     text = (
-        f"{origin}, an implementation of [{PAPER_TITLE}]({PAPER_URL}): a SigLIP vision encoder, a 2-layer MLP "
-        "projector and a decoder-only language model whose image tokens attend to each other both ways (the "
-        f"hybrid attention mask). Base models: {bases}."
+        f"{origin}, an implementation of [{PAPER_TITLE}]({PAPER_URL}): a vision encoder (the paper's is SigLIP), "
+        "a 2-layer MLP projector and a decoder-only language model whose image tokens attend to each other both "
+        f"ways (the hybrid attention mask). Base models: {bases}."
     )
     return "\n\n".join([f"# {heading}", *([summary] if summary else []), text]) + "\n"
 

@@ -25,6 +25,7 @@ from valign.hub.card import (
     stage_model_card,
     write_model_card,
 )
+from valign.train.demo import PACKAGED_BASE_MODELS, DemoSizes, write_last_stage_card
 
 REPO_ID = "user/valign"
 BASE_MODELS = ["google/siglip-so400m-patch14-224", "Qwen/Qwen2.5-0.5B-Instruct"]
@@ -90,6 +91,15 @@ def test_metadata_parses_with_model_index_from_a_results_file(tmp_path: Path) ->
     ):
         assert text in card.text
     assert local_backbone in card.text
+
+
+def test_the_demos_last_card_keeps_its_backbones_with_the_results(tmp_path: Path) -> None:
+    sizes = DemoSizes()  # the packaged backbones, as `python -m valign.train` runs
+    (tmp_path / "stage_config.json").write_text(json.dumps({"name": "stage-3", "attn_mode": "hybrid"}))
+    card = ModelCard.load(write_last_stage_card(tmp_path, RESULTS, sizes))
+    assert card.data.to_dict()["base_model"] == PACKAGED_BASE_MODELS == sizes.base_models
+    assert "Base models: `facebook/dinov2-small`, `HuggingFaceTB/SmolLM2-135M-Instruct`." in card.text
+    assert [result.metric_value for result in card.data.eval_results][-1] == 75.4  # VQA accuracy, ×100
 
 
 def test_a_stage_folder_card_records_its_stage_and_no_results_means_no_model_index(tmp_path: Path) -> None:

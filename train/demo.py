@@ -102,6 +102,16 @@ class DemoSizes:
         return {**overrides, "*": {"seed": self.seed, **overrides.get("*", {})}}
 
 
+def write_last_stage_card(folder: Path, results: dict[str, Any], sizes: DemoSizes) -> Path:
+    """The last stage's card, rewritten with the evaluation (as text and as model-index metadata)."""
+    return write_model_card(
+        folder,
+        eval_results=eval_results_from_json(results, **DEMO_BENCHMARKS),
+        base_models=sizes.base_models,
+        summary=DEMO_NOTES[sizes.backbones],
+    )
+
+
 @dataclass
 class DemoResult:
     stages: list[StageResult]
@@ -286,12 +296,7 @@ def run_demo(
         "seconds": time.perf_counter() - start,
     }
     (output / "results.json").write_text(json.dumps(serialisable, indent=2, default=str) + "\n")
-    # The last stage's card now gets the evaluation, as text and as model-index metadata.
-    write_model_card(
-        stages[-1].folder,
-        eval_results=eval_results_from_json(serialisable, **DEMO_BENCHMARKS),
-        summary=DEMO_NOTES[sizes.backbones],
-    )
+    write_last_stage_card(stages[-1].folder, serialisable, sizes)
     print(text)
     print(f"\nDone in {(time.perf_counter() - start) / 60:.1f} minutes.")
     print(f"Checkpoints: {output / 'stages'} (one folder per stage; the last is {stages[-1].folder})")
