@@ -113,6 +113,8 @@ def run(
     model, processor, paths: Sequence[str], prompt: str, settings: DecodingSettings, progress: bool
 ) -> Iterator[Result]:
     """One Result per path, in order, a batch at a time (results appear as they are made; memory stays bounded)."""
+    # Every batch as many rows as the first, so the compiled runtime compiles one batch size only.
+    rows = min(settings.batch_size, len(paths))
     with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
         for start in range(0, len(paths), settings.batch_size):
             chunk = paths[start : start + settings.batch_size]
@@ -126,8 +128,6 @@ def run(
             if readable:
                 images = [image for _, image in readable]
                 prompts = [prompt] * len(images)
-                # Every batch as many rows as the first, so the compiled runtime compiles one batch size only.
-                rows = min(settings.batch_size, len(paths))
                 texts = generate_answers(model, processor, images, prompts, settings, progress=False, rows=rows)
                 for (result, _), text in zip(readable, texts):
                     result.text = text
@@ -243,12 +243,11 @@ def answer_images(args: argparse.Namespace) -> int:
         raise UsageError("--batch-size and --max-new-tokens must be positive")
     if args.command == "caption":
         paths, text, name = args.images, args.prompt, "--prompt"
-        prompt = text
     else:
         paths, text, name = [args.image], args.question, "question"
-        prompt = text if args.no_instruction else vqa_prompt(text)
     if not text.strip():  # e.g. an unset shell variable: the model would answer it all the same
         raise UsageError(f"the {name} is empty")
+    prompt = text if args.command == "caption" or args.no_instruction else vqa_prompt(text)
     # Loading notices and the weight-loading bar would bury the answers; errors still raise.
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
