@@ -255,6 +255,28 @@ def check_pixel_values(pixel_values: torch.Tensor, config: ValignConfig) -> None
         raise ValueError("pixel_values hold NaN or infinite values")
 
 
+def check_image_placeholders(image_mask: torch.Tensor, pixel_values: torch.Tensor | None, config: ValignConfig) -> None:
+    """Refuse image tokens that are not one placeholder's worth per image: features would fill the wrong tokens."""
+    num_tokens = int(image_mask.sum())
+    if pixel_values is None:
+        raise ValueError(f"input_ids hold {num_tokens} image tokens but no pixel_values were given")
+    num_images, per_image = pixel_values.shape[0], config.image_seq_length
+    if num_tokens != num_images * per_image:
+        raise ValueError(
+            f"{num_images} image(s) need {num_images * per_image} image tokens ({per_image} each), "
+            f"but input_ids hold {num_tokens} (= {num_tokens / per_image:g} images' worth): "
+            "every image needs exactly one placeholder"
+        )
+
+
+def check_images(input_ids: torch.Tensor, pixel_values: torch.Tensor | None, config: ValignConfig) -> None:
+    """`forward`'s checks of the images, for the runners of traced graphs, which cannot branch on values."""
+    image_mask = input_ids == config.image_token_id
+    if pixel_values is not None or image_mask.any():
+        check_image_placeholders(image_mask, pixel_values, config)
+        check_pixel_values(pixel_values, config)
+
+
 def pixel_shuffle(patches: torch.Tensor, factor: int) -> torch.Tensor:
     """Space-to-depth on a square patch grid, as Idefics3, SmolVLM and nanoVLM compress image tokens.
 
@@ -421,18 +443,6 @@ class ValignModel(ValignPreTrainedModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def _check_image_placeholders(self, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
-        num_tokens = int(image_mask.sum())
-        if pixel_values is None:
-            raise ValueError(f"input_ids hold {num_tokens} image tokens but no pixel_values were given")
-        num_images, per_image = pixel_values.shape[0], self.config.image_seq_length
-        if num_tokens != num_images * per_image:
-            raise ValueError(
-                f"{num_images} image(s) need {num_images * per_image} image tokens ({per_image} each), "
-                f"but input_ids hold {num_tokens} (= {num_tokens / per_image:g} images' worth): "
-                "every image needs exactly one placeholder"
-            )
-
     def _check_attn_implementation(self, mode: str, packed: bool) -> None:
         """Called when a custom 4D mask was built: refuse kernels that would silently ignore it."""
         kernel = self.config.text_config._attn_implementation
@@ -493,7 +503,8 @@ class ValignModel(ValignPreTrainedModel):
         image_mask = self._image_token_mask(input_ids, inputs_embeds)
         image_features = None
         if pixel_values is not None or image_mask.any():
-            self._check_image_placeholders(image_mask, pixel_values)
+            if not torch.compiler.is_compiling():  # the runner of a traced graph checks (`check_images`)
+                check_image_placeholders(image_mask, pixel_values, self.config)
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
 

@@ -38,7 +38,7 @@ from transformers import DynamicCache, StaticCache
 
 from ..checkpoint import cpu_has_amx
 from ..configuration_valign import CACHE_NAME
-from ..modeling_valign import positions_from_padding
+from ..modeling_valign import check_images, positions_from_padding
 from .greedy import check_generation_config, check_greedy, decode_greedily
 
 PROMPT_BUCKET = 32  # prompts are left-padded to a multiple of this, so prompts of similar length share one graph
@@ -139,6 +139,7 @@ class CompiledValign:
         """Prompt and new tokens, `(batch, prompt + new)`, finished rows padded, as `generate` returns them."""
         mode = attn_mode or self.config.attn_mode
         check_greedy(mode, num_beams, do_sample, "compiled")
+        check_images(input_ids, pixel_values, self.config)  # a compiled `forward` skips its value checks
         batch = input_ids.shape[0]
         prompt_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         padding = -input_ids.shape[1] % PROMPT_BUCKET

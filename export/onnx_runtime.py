@@ -32,7 +32,7 @@ from transformers import DynamicCache, GenerationConfig
 
 from ..checkpoint import load_checkpoint
 from ..configuration_valign import CACHE_NAME, ValignConfig
-from ..modeling_valign import build_attention_mask, check_pixel_values, positions_from_padding
+from ..modeling_valign import build_attention_mask, check_images, positions_from_padding
 from ..processing_valign import ValignProcessor
 from .greedy import check_generation_config, check_greedy, decode_greedily
 
@@ -266,7 +266,6 @@ class OnnxValign:
     def image_features(self, pixel_values: torch.Tensor | None) -> np.ndarray:
         if pixel_values is None:
             return np.zeros((0, self.config.text_config.hidden_size), dtype=np.float32)
-        check_pixel_values(pixel_values, self.config)  # the graph cannot: it was traced without value checks
         features = self.vision.run(None, {"pixel_values": pixel_values.float().numpy()})[0]
         return features.reshape(-1, features.shape[-1])
 
@@ -284,6 +283,7 @@ class OnnxValign:
         """Prompt and new tokens, `(batch, prompt + new)`, finished rows padded, as `generate` returns them."""
         mode = attn_mode or self.config.attn_mode
         check_greedy(mode, num_beams, do_sample, "ONNX")
+        check_images(input_ids, pixel_values, self.config)  # the graphs were traced without value checks
         heads, head_dim = kv_shape(self.config)
         cache = [np.zeros((input_ids.shape[0], heads, 0, head_dim), dtype=np.float32) for _ in range(2 * self.layers)]
         features = self.image_features(pixel_values)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -16,6 +17,15 @@ QUESTION = "What colour is the shape?"
 # The user texts the commands must send, written out (not taken from valign.data.prompts).
 CAPTION_TEXT = "Describe the image in detail."
 QUESTION_TEXT = "What colour is the shape? Answer the question using a single word or phrase."
+
+
+
+def test_importing_valign_prints_nothing_and_leaves_third_party_logging_as_it_was() -> None:
+    """Every command imports valign first. torchao's import-time records (CUDA kernels a CPU build of torch cannot
+    load; deprecated Enum registrations) are quieted during that import only: a later torchao warning still shows."""
+    code = "import logging, valign; logging.getLogger('torchao').warning('a later warning')"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert (run.stdout, run.stderr) == ("", "a later warning\n")
 
 
 @pytest.fixture
