@@ -257,10 +257,15 @@ def check_pixel_values(pixel_values: torch.Tensor, config: ValignConfig) -> None
 
 def check_image_placeholders(image_mask: torch.Tensor, pixel_values: torch.Tensor | None, config: ValignConfig) -> None:
     """Refuse image tokens that are not one placeholder's worth per image: features would fill the wrong tokens."""
-    num_tokens = int(image_mask.sum())
     if pixel_values is None:
-        raise ValueError(f"input_ids hold {num_tokens} image tokens but no pixel_values were given")
+        raise ValueError(f"input_ids hold {int(image_mask.sum())} image tokens but no pixel_values were given")
     num_images, per_image = pixel_values.shape[0], config.image_seq_length
+    if torch.compiler.is_compiling():
+        # A graph cannot branch on a count (`.item()` broke the compiled prompt into 4 graphs); it keeps an assertion
+        # instead, without the counts. valign's runners call `check_images` before their graphs for the full error.
+        torch._assert_async(image_mask.sum() == num_images * per_image, "image tokens and images do not match")
+        return
+    num_tokens = int(image_mask.sum())
     if num_tokens != num_images * per_image:
         raise ValueError(
             f"{num_images} image(s) need {num_images * per_image} image tokens ({per_image} each), "
@@ -503,8 +508,7 @@ class ValignModel(ValignPreTrainedModel):
         image_mask = self._image_token_mask(input_ids, inputs_embeds)
         image_features = None
         if pixel_values is not None or image_mask.any():
-            if not torch.compiler.is_compiling():  # the runner of a traced graph checks (`check_images`)
-                check_image_placeholders(image_mask, pixel_values, self.config)
+            check_image_placeholders(image_mask, pixel_values, self.config)
             image_features = self.get_image_features(pixel_values).to(inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask[..., None], image_features)
 

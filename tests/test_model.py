@@ -25,6 +25,19 @@ def test_more_images_than_placeholders_raises_with_both_counts(model_and_process
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=two_images)
 
 
+
+@torch.no_grad()
+def test_a_compiled_forward_is_one_graph_that_still_refuses_mismatched_placeholders(model_and_processor):
+    """Under torch.compile the placeholder count cannot raise the ValueError above (a graph cannot branch on it):
+    the graph keeps an assertion instead, and `fullgraph=True` proves the check no longer breaks it."""
+    model, processor = model_and_processor
+    batch = one_batch(processor)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="image tokens and images do not match"):
+        compiled(**{**batch, "pixel_values": torch.cat([batch["pixel_values"]] * 2)})
+
+
 def test_placeholder_without_image_raises(model_and_processor):
     model, processor = model_and_processor
     batch = one_batch(processor)
