@@ -10,7 +10,7 @@ transformers, huggingface_hub, TRL, PEFT and datasets resolve as a fresh install
   - newest      `transformers` and `torch` unpinned: the newest releases setup.cfg's ranges admit, what a fresh
                 install gets;
   - pre-release the newest transformers pre-release (`--pre`), only when it is newer than the newest release;
-  - 5.23.0      a transformers release we promise to support;
+  - supported   5.23.0 and 5.24.0, releases we promise to support (SUPPORTED);
   - oldest torch setup.cfg's oldest torch (its `>=` bound) with the locked transformers 5.x.
 The others take TORCH_SPEC (the locked torch). A newer transformers release or pre-release outside setup.cfg's range
 is reported on a `canary: note:` line and not tested (a fresh install of valign cannot get it). Any install or test
@@ -65,7 +65,9 @@ WORKFLOW_TESTS = [
     "tests/test_handler.py",
     "tests/test_compiled.py",
 ]
-SUPPORTED = ["5.23.0"]  # releases we promise to support besides the locked ones (constraints/)
+# Releases we promise to support besides the locked ones (constraints/): 5.23.0, the oldest 5.x, and 5.24.0, the
+# first with `cache` for `past_key_values` and the compiled runtime's oldest.
+SUPPORTED = ["5.23.0", "5.24.0"]
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 EXTRAS = ".[train,eval,onnx,int8]"  # what the workflow tests import
 # This machine kind's pip caps torch at the releases on its disk (/etc/xdg/pip); a user's machine has no such cap, so

@@ -19,7 +19,6 @@ CAPTION_TEXT = "Describe the image in detail."
 QUESTION_TEXT = "What colour is the shape? Answer the question using a single word or phrase."
 
 
-
 def test_importing_valign_prints_nothing_and_leaves_third_party_logging_as_it_was() -> None:
     """Every command imports valign first. torchao's import-time records (CUDA kernels a CPU build of torch cannot
     load; deprecated Enum registrations) are quieted during that import only: a later torchao warning still shows."""

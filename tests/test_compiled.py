@@ -121,7 +121,7 @@ def test_compiled_runtime_refuses_what_it_cannot_decode(eager_and_compiled, batc
     with pytest.raises(ValueError, match="NaN"):
         compiled.generate(**broken)
     one_image = {**batch, "pixel_values": batch["pixel_values"][:1]}
-    with pytest.raises(ValueError, match="1 image\\(s\\) need 16 image tokens .* but input_ids hold 32"):
+    with pytest.raises(ValueError, match=r"1 image\(s\) need 16 image tokens .* but input_ids hold 32"):
         compiled.generate(**one_image)
 
 

@@ -25,7 +25,6 @@ def test_more_images_than_placeholders_raises_with_both_counts(model_and_process
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=two_images)
 
 
-
 @torch.no_grad()
 def test_a_compiled_forward_is_one_graph_that_still_refuses_mismatched_placeholders(model_and_processor):
     """Under torch.compile the placeholder count cannot raise the ValueError above (a graph cannot branch on it):

@@ -76,7 +76,7 @@ def test_bad_requests_get_clear_errors(exported: Path, checkpoint: Path, batch, 
     with pytest.raises(ValueError, match="NaN"):
         runtime.generate(**broken)
     one_image = {**batch, "pixel_values": batch["pixel_values"][:1]}
-    with pytest.raises(ValueError, match="1 image\\(s\\) need 16 image tokens .* but input_ids hold 32"):
+    with pytest.raises(ValueError, match=r"1 image\(s\) need 16 image tokens .* but input_ids hold 32"):
         runtime.generate(**one_image)
     with pytest.raises(FileNotFoundError, match="not a valign ONNX export"):
         OnnxValign(checkpoint)
