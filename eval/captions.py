@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 from ..data.adapters import caption_references, row_id
 from ..data.images import decode_image
 from ..data.skips import SkipRow
 from ..data.sources import Rows
-from .caption_metrics import check_references, require_java, score_captions
 from .generate import DecodingSettings, generate_answers
 from .rows import read_items
 
@@ -45,6 +45,16 @@ def caption_item(row: Mapping[str, Any], index: int) -> tuple[Any, list[str], st
     return image, references, row_id(row, index)
 
 
+def caption_scorer() -> ModuleType:
+    """The COCO caption scorer, imported when captions are scored: pycocoevalcap is in the eval extra, and training
+    (the train extra) imports this module for the demo's evaluation without scoring anything."""
+    try:
+        from . import caption_metrics
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(f"scoring captions needs {error.name}: pip install 'valign[eval]'") from error
+    return caption_metrics
+
+
 def check_caption_inputs(images: Sequence[Any], references: Sequence[Sequence[str]], image_ids: Sequence[Any]) -> None:
     """What scoring needs, checked before any caption is generated (it used to fail only after all of them): as
     many references and ids as images, at least one, a non-blank reference list each, and Java on PATH."""
@@ -52,8 +62,9 @@ def check_caption_inputs(images: Sequence[Any], references: Sequence[Sequence[st
         raise ValueError(f"{len(images)} images, {len(references)} reference lists and {len(image_ids)} ids")
     if not images:
         raise ValueError("no images to caption")
-    check_references({index: refs for index, refs in enumerate(references)})
-    require_java()
+    scorer = caption_scorer()
+    scorer.check_references({index: refs for index, refs in enumerate(references)})
+    scorer.require_java()
 
 
 def evaluate_captions(
@@ -88,5 +99,7 @@ def evaluate_captions(
     if on_generated is not None:
         on_generated(results)
     keys = [str(index) for index in range(len(images))]
-    results["scores"] = score_captions(dict(zip(keys, captions)), dict(zip(keys, map(list, references))))
+    results["scores"] = caption_scorer().score_captions(
+        dict(zip(keys, captions)), dict(zip(keys, map(list, references)))
+    )
     return results

@@ -8,6 +8,8 @@ import io
 import json
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import datasets
@@ -15,6 +17,7 @@ import pytest
 from PIL import Image
 
 import valign.eval.__main__ as eval_main
+import valign.eval.caption_metrics as caption_metrics
 import valign.eval.captions as captions_module
 import valign.eval.vqa as vqa_module
 from valign.data.sources import MissingSplitError, load_rows, local_splits
@@ -207,7 +210,7 @@ def test_repeated_and_missing_image_ids_score_every_image(checkpoint, monkeypatc
         scored.append(len(predictions))
         return score_captions(predictions, references)
 
-    monkeypatch.setattr(captions_module, "score_captions", counting_scorer)
+    monkeypatch.setattr(caption_metrics, "score_captions", counting_scorer)
     output = tmp_path / "captions.json"
     eval_main.main(["captions", "--model", str(checkpoint), "--dataset", path, "--max-new-tokens", "6",
                     "--output", str(output)])  # fmt: skip
@@ -249,13 +252,42 @@ def test_missing_java_is_reported_before_the_model_loads(monkeypatch, tmp_path):
         evaluate_captions(None, None, [Image.new("RGB", (8, 8))], [["a dog"]], ["a"], "Describe.")
 
 
+WITHOUT_PYCOCOEVALCAP = """
+import sys
+
+
+class Absent:  # pycocoevalcap not installed: the train extra without the eval extra
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "pycocoevalcap":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+sys.meta_path.insert(0, Absent())
+from PIL import Image
+
+from valign.eval.captions import evaluate_captions
+from valign.train.__main__ import main  # what `python -m valign.train` imports
+
+try:
+    evaluate_captions(None, None, [Image.new("RGB", (8, 8))], [["a dog"]], ["a"], "Describe.")
+except ModuleNotFoundError as error:
+    print(error)
+"""
+
+
+def test_training_imports_without_the_eval_extra_and_scoring_names_it():
+    run = subprocess.run([sys.executable, "-c", WITHOUT_PYCOCOEVALCAP], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "scoring captions needs pycocoevalcap: pip install 'valign[eval]'\n"
+
+
 def test_a_scoring_failure_keeps_the_generated_captions(checkpoint, monkeypatch, tmp_path):
     _, path = caption_file(tmp_path, [1, 2, 3])
 
     def failing_scorer(predictions, references):
         raise RuntimeError("METEOR died")
 
-    monkeypatch.setattr(captions_module, "score_captions", failing_scorer)
+    monkeypatch.setattr(caption_metrics, "score_captions", failing_scorer)
     output = tmp_path / "captions.json"
     with pytest.raises(RuntimeError, match="METEOR died"):
         eval_main.main(["captions", "--model", str(checkpoint), "--dataset", path, "--max-new-tokens", "6",
