@@ -213,7 +213,8 @@ def machine_description() -> str:
         return f"{torch.cuda.get_device_name()} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo() if line.startswith("model name")), "CPU")
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{model}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, no GPU (torch threads: {torch.get_num_threads()})"
+    cores = len(os.sched_getaffinity(0))  # those this process may use (`taskset` on a larger host)
+    return f"{model}, {cores} cores, {memory:.0f} GiB RAM, no GPU (torch threads: {torch.get_num_threads()})"
 
 
 COMPILED_WEIGHTS = {"native": "", "int8": "int8 weights, ", "w8a8": "int8 weights and activations, "}
