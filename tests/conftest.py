@@ -68,6 +68,24 @@ def prompts(processor, questions: list[str]) -> list[str]:
     return [processor.apply_chat_template(chat(q), add_generation_prompt=True) for q in questions]
 
 
+def assert_bad_requests_refused(generate, batch: dict) -> None:
+    """What a runtime of traced graphs (compiled, ONNX) must refuse with eager's errors, given a batch of two prompts
+    with an image each: settings it cannot decode, and what its graphs cannot check (non-finite pixels; a number of
+    image tokens that does not match the images)."""
+    for settings in ({"do_sample": True}, {"num_beams": 2}):
+        with pytest.raises(ValueError, match="greedily only"):
+            generate(**batch, **settings)
+    with pytest.raises(ValueError, match="bidirectional"):
+        generate(**batch, attn_mode="bidirectional")
+    broken = {**batch, "pixel_values": batch["pixel_values"].clone()}
+    broken["pixel_values"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        generate(**broken)
+    one_image = {**batch, "pixel_values": batch["pixel_values"][:1]}
+    with pytest.raises(ValueError, match=r"1 image\(s\) need 16 image tokens .* but input_ids hold 32"):
+        generate(**one_image)
+
+
 def other_major_python() -> Path:
     if not OTHER_MAJOR_PYTHON.exists():
         pytest.fail(
