@@ -21,7 +21,7 @@ def _loggers_quieted(*names: str) -> Iterator[None]:
 
 # transformers' model code imports its quantizers, which import torchao (the int8 extra) when it is installed. On a
 # CPU build of torch, torchao 0.18 then logs the CUDA kernels it cannot load, and torch 2.13 its deprecated Enum
-# registrations: six lines before any output of every `valign` command, none about valign's use of torchao (CPU int8
+# registrations: four lines before any output of every `valign` command, none about valign's use of torchao (CPU int8
 # weights). They are quieted during this import only; later records of either logger show as usual. When transformers
 # is imported first, as when a Hub checkpoint's remote code loads, this changes nothing. Goes when torchao stops both.
 with _loggers_quieted("torchao", "torch.utils._pytree"):
