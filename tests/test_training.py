@@ -284,9 +284,9 @@ def test_a_cpu_stage_keeps_freed_memory_for_its_next_step_and_hands_it_back_afte
 ):
     """glibc unmaps a freed block of this size, so filling the next one faults every page in again; a training step
     frees and refills gigabytes like this, so while a stage trains the heap keeps what it frees, unless the stage
-    says `keep_freed_memory: false`. The first steps may still fault: free heap pages that an earlier `malloc_trim`
-    handed back come in once, and the heap grows once if a step's blocks leave no free run of this size (seen at
-    the second step on transformers 4.57)."""
+    says `keep_freed_memory: false`. Two steps may still fault: free heap pages that an earlier `malloc_trim` handed
+    back come in once, and the heap grows once if a step's blocks leave no free run of this size (seen at the second
+    step on transformers 4.57, at the third once on 5.24, after the tests before it in this file)."""
     during = []
 
     class Probe(TrainerCallback):
@@ -298,8 +298,9 @@ def test_a_cpu_stage_keeps_freed_memory_for_its_next_step_and_hands_it_back_afte
     run_stage(config, checkpoint, tmp_path / "out", data_root, callbacks=(Probe(),))
     after = faults_reallocating()
     assert len(during) == 4
+    quiet = [faults * 20 < min(before, after) for faults in during]  # the block refilled without faulting
     if keep:
-        assert max(during[2:]) * 20 < min(before, after)
+        assert sum(quiet) >= 2  # at most the two refaults above, at whichever steps they come
     else:
         assert min(during) * 2 > min(before, after)
 
