@@ -260,15 +260,16 @@ def check_image_placeholders(image_mask: torch.Tensor, pixel_values: torch.Tenso
     if pixel_values is None:
         raise ValueError(f"input_ids hold {int(image_mask.sum())} image tokens but no pixel_values were given")
     num_images, per_image = pixel_values.shape[0], config.image_seq_length
+    expected = num_images * per_image
     if torch.compiler.is_compiling():
         # A graph cannot branch on a count (`.item()` broke the compiled prompt into 4 graphs); it keeps an assertion
         # instead, without the counts. valign's runners call `check_images` before their graphs for the full error.
-        torch._assert_async(image_mask.sum() == num_images * per_image, "image tokens and images do not match")
+        torch._assert_async(image_mask.sum() == expected, "image tokens and images do not match")
         return
     num_tokens = int(image_mask.sum())
-    if num_tokens != num_images * per_image:
+    if num_tokens != expected:
         raise ValueError(
-            f"{num_images} image(s) need {num_images * per_image} image tokens ({per_image} each), "
+            f"{num_images} image(s) need {expected} image tokens ({per_image} each), "
             f"but input_ids hold {num_tokens} (= {num_tokens / per_image:g} images' worth): "
             "every image needs exactly one placeholder"
         )
